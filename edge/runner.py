@@ -1,0 +1,136 @@
+"""The on-device classifier: one .tflite + its sidecar, no TensorFlow required."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .preprocess import DEFAULT_MAX_PIXELS, ImageSource, preprocess
+from .sidecar import preprocess_spec, read_sidecar
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODEL = MODELS_DIR / "efficientnet_lite0_int8.tflite"
+
+
+def load_interpreter_class():
+    """Return (Interpreter class, backend name): ai_edge_litert, else tflite_runtime, else tf.lite."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+        return Interpreter, "ai_edge_litert"
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter
+        return Interpreter, "tflite_runtime"
+    except ImportError:
+        pass
+    try:
+        import tensorflow as tf  # last resort: heavy, but present on training machines
+        return tf.lite.Interpreter, "tensorflow.lite"
+    except ImportError:
+        raise ImportError("no TFLite interpreter found: pip install -r requirements-edge.txt "
+                          "(ai-edge-litert)") from None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probability: float  # P(melanoma) from the model, 0..1
+    melanoma: bool  # probability >= threshold
+    label: str  # "melanoma" or "not melanoma"
+    threshold: float  # the shipped decision threshold
+    latency_ms: float  # interpreter time for this image (no decoding)
+
+    def to_dict(self) -> dict:
+        return {"probability": round(self.probability, 6), "label": self.label,
+                "melanoma": self.melanoma, "threshold": self.threshold,
+                "latency_ms": round(self.latency_ms, 3)}
+
+
+def quantize(x: np.ndarray, dtype: np.dtype, scale: float, zero_point: int) -> np.ndarray:
+    """Float array -> the integer input tensor (`q = round(x / scale) + zero_point`)."""
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(dtype)
+
+
+def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    return scale * (q.astype(np.float32) - zero_point)
+
+
+class Classifier:
+    """Loads a model once; `classify()` is preprocess -> invoke -> postprocess. Thread-safe."""
+
+    def __init__(self, model_path: Path | str = DEFAULT_MODEL, num_threads: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.model_path = Path(model_path)
+        self.meta = read_sidecar(self.model_path)  # raises SidecarError on a mismatch
+        self.spec = preprocess_spec(self.meta)
+        self.threshold = float(self.meta["threshold"])
+        self.labels = list(self.meta["labels"])
+        self.num_threads = num_threads
+        self.max_pixels = max_pixels
+        interpreter_cls, self.backend = load_interpreter_class()
+        self._interpreter = interpreter_cls(model_path=str(self.model_path), num_threads=num_threads)
+        self._interpreter.allocate_tensors()
+        self._input = self._interpreter.get_input_details()[0]
+        self._output = self._interpreter.get_output_details()[0]
+        expected = tuple(self.meta["input"]["shape"][1:3])
+        if tuple(self._input["shape"][1:3]) != expected or expected != tuple(self.spec.size):
+            raise ValueError(f"{self.model_path.name}: input shape {list(self._input['shape'])} "
+                             f"disagrees with its sidecar ({list(expected)})")
+        self._lock = threading.Lock()
+
+    @property
+    def input_details(self) -> dict:
+        return self._input
+
+    @property
+    def output_details(self) -> dict:
+        return self._output
+
+    def _prepare(self, x: np.ndarray) -> np.ndarray:
+        dtype = self._input["dtype"]
+        if np.issubdtype(dtype, np.integer):
+            scale, zero_point = self._input["quantization"]
+            return quantize(x, dtype, scale, zero_point)
+        return x.astype(dtype)
+
+    def _postprocess(self, y: np.ndarray) -> float:
+        if np.issubdtype(self._output["dtype"], np.integer):
+            scale, zero_point = self._output["quantization"]
+            y = dequantize(y, scale, zero_point)
+        return float(np.clip(y.reshape(-1)[0], 0.0, 1.0))
+
+    def predict_array(self, x: np.ndarray) -> tuple[float, float]:
+        """Preprocessed float array (H, W, 3) -> (probability, interpreter milliseconds)."""
+        batch = self._prepare(x[None, ...])
+        with self._lock:
+            t0 = time.perf_counter()
+            self._interpreter.set_tensor(self._input["index"], batch)
+            self._interpreter.invoke()
+            y = self._interpreter.get_tensor(self._output["index"]).copy()
+            ms = (time.perf_counter() - t0) * 1000
+        return self._postprocess(y), ms
+
+    def classify(self, source: ImageSource) -> Prediction:
+        """Image path/bytes -> Prediction. Raises edge.ImageError for unreadable input."""
+        x = preprocess(source, self.spec, max_pixels=self.max_pixels)
+        p, ms = self.predict_array(x)
+        melanoma = p >= self.threshold
+        return Prediction(probability=p, melanoma=melanoma, label=self.labels[int(melanoma)],
+                          threshold=self.threshold, latency_ms=ms)
+
+    def describe(self) -> dict:
+        """A short summary for `python -m edge info` and the server."""
+        q = self._input.get("quantization", (0.0, 0))
+        return {"model": self.meta["model"], "variant": self.meta["variant"],
+                "file": str(self.model_path), "sha256": self.meta["sha256"],
+                "backend": self.backend, "num_threads": self.num_threads,
+                "input_shape": [int(s) for s in self._input["shape"]],
+                "input_dtype": np.dtype(self._input["dtype"]).name,
+                "input_quantization": {"scale": float(q[0]), "zero_point": int(q[1])},
+                "output_dtype": np.dtype(self._output["dtype"]).name,
+                "threshold": self.threshold, "labels": self.labels,
+                "preprocessing": self.meta["preprocessing"]}

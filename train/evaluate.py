@@ -1,0 +1,145 @@
+"""Evaluate a model (Keras .h5 or .tflite via the edge runner) on a run's held-out split.
+
+    python -m train.evaluate --run runs/efficientnet_lite0 [--model models/x.tflite] [--split test]
+
+The decision threshold is the model's own (the sidecar's for a .tflite, the run's for Keras),
+chosen on validation data; the test split is only measured, never used to choose.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .metrics import binary_metrics, metrics_by_source, roc_points, threshold_for_sensitivity
+
+
+# --------------------------------------------------------------------------- predictions
+def predict_tflite(model_path: Path, pixels: np.ndarray, idx: np.ndarray, threads: int | None = 2) -> np.ndarray:
+    """P(melanoma) for pixels[idx] through edge.Classifier (the shipped code path)."""
+    from edge import Classifier
+    clf = Classifier(model_path, num_threads=threads)
+    return np.array([clf.predict_array(np.asarray(pixels[i], dtype=np.float32))[0] for i in idx])
+
+
+def predict_keras(model, pixels: np.ndarray, idx: np.ndarray, batch: int = 64) -> np.ndarray:
+    out = []
+    for s in range(0, len(idx), batch):
+        x = np.asarray(pixels[idx[s:s + batch]], dtype=np.float32)
+        out.append(model(x, training=False).numpy().reshape(-1))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+# --------------------------------------------------------------------------- report
+def full_report(preds: pd.DataFrame, threshold: float, bootstrap: int = 1000, seed: int = 0) -> dict:
+    """preds has split, source, target, probability. Metrics for val and test, per source."""
+    report = {"threshold": float(threshold)}
+    for split in ("val", "test"):
+        d = preds[preds["split"] == split]
+        if len(d):
+            report[split] = metrics_by_source(d["target"].to_numpy(), d["probability"].to_numpy(),
+                                              d["source"].to_numpy(), threshold, bootstrap, seed)
+    return report
+
+
+def choose_threshold(preds: pd.DataFrame, target_sensitivity: float) -> dict:
+    """Pick the threshold on validation predictions; report its validation operating point."""
+    v = preds[preds["split"] == "val"]
+    y, p = v["target"].to_numpy(), v["probability"].to_numpy()
+    t = threshold_for_sensitivity(y, p, target_sensitivity)
+    m = binary_metrics(y, p, t, bootstrap=0)
+    return {"threshold": t, "chosen_on": "validation split", "target_sensitivity": target_sensitivity,
+            "val_sensitivity": m["sensitivity"], "val_specificity": m["specificity"], "val_n": m["n"]}
+
+
+def save_plots(preds: pd.DataFrame, report: dict, out_dir: Path, title: str) -> list[str]:
+    """ROC per source and a reliability diagram for the test split, as PNGs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    test = preds[preds["split"] == "test"]
+    files = []
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, d in [("all", test)] + list(test.groupby("source")):
+        if d["target"].nunique() == 2:
+            fpr, tpr = roc_points(d["target"], d["probability"])
+            auc = report["test"][name]["roc_auc"]
+            ax.plot(fpr, tpr, lw=2 if name == "all" else 1, label=f"{name} (AUC {auc:.3f}, n={len(d)})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC, test split: {title}")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_dir / "roc.png", dpi=110)
+    plt.close(fig)
+    files.append("roc.png")
+
+    table = report["test"]["all"]["calibration"]["reliability"]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.plot([r["mean_probability"] for r in table], [r["fraction_melanoma"] for r in table], "o-")
+    ax.set(xlabel="mean predicted probability", ylabel="observed melanoma fraction",
+           title=f"Reliability, test (ECE {report['test']['all']['calibration']['ece']:.3f})")
+    fig.tight_layout()
+    fig.savefig(out_dir / "reliability.png", dpi=110)
+    plt.close(fig)
+    files.append("reliability.png")
+    return files
+
+
+def summary_line(report: dict, split: str = "test") -> str:
+    m = report[split]["all"]
+    lo, hi = m["roc_auc_ci95"] or (float("nan"), float("nan"))
+    return (f"{split}: AUC {m['roc_auc']:.4f} [95% CI {lo:.4f}-{hi:.4f}], sensitivity {m['sensitivity']:.3f}, "
+            f"specificity {m['specificity']:.3f} at threshold {m['threshold']:.4f}, "
+            f"balanced accuracy {m['balanced_accuracy']:.3f}, ECE {m['calibration']['ece']:.3f}, n={m['n']}")
+
+
+# --------------------------------------------------------------------------- CLI
+def evaluate_model(run_dir: Path, model_path: Path | None, threads: int | None = 2) -> tuple[pd.DataFrame, dict]:
+    """Predict val+test of the run's split with `model_path` (default: the run's Keras model)."""
+    from .loop import load_run_data
+    rows, pixels, cfg = load_run_data(run_dir)
+    keep = rows.index[rows["split"].isin(["val", "test"])].to_numpy()
+    model_path = Path(model_path) if model_path else run_dir / "model.h5"
+    if model_path.suffix == ".tflite":
+        from edge import read_sidecar
+        probs = predict_tflite(model_path, pixels, keep, threads)
+        threshold = read_sidecar(model_path)["threshold"]
+    else:
+        from .loop import load_keras_model
+        probs = predict_keras(load_keras_model(model_path), pixels, keep)
+        threshold = json.loads((run_dir / "metrics.json").read_text())["threshold"]["threshold"]
+    preds = rows.loc[keep, ["image", "source", "split", "target"]].assign(probability=probs)
+    return preds, full_report(preds, threshold, cfg.bootstrap, cfg.seed)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n")[0])
+    ap.add_argument("--run", type=Path, required=True, help="run folder written by python -m train")
+    ap.add_argument("--model", type=Path, help=".h5 or .tflite (default: the run's model.h5)")
+    ap.add_argument("--out", type=Path, help="write metrics JSON and plots into this folder")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    try:
+        preds, report = evaluate_model(args.run, args.model, args.threads)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary_line(report))
+    for src, m in report["test"].items():
+        if src != "all" and m["roc_auc"] is not None:
+            print(f"  {src:16s} AUC {m['roc_auc']:.4f} sens {m['sensitivity']:.3f} spec {m['specificity']:.3f} n={m['n']}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "metrics.json").write_text(json.dumps(report, indent=2))
+        save_plots(preds, report, args.out, (args.model or args.run).name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
