@@ -23,8 +23,9 @@ def expand_inputs(paths: list[str]) -> list[Path]:
     return out
 
 
-def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=sys.stdout, err=sys.stderr) -> int:
+def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, err=None) -> int:
     """Predict every image; report unreadable ones and keep going. Returns the exit status."""
+    out, err = out or sys.stdout, err or sys.stderr
     failures = 0
     if not as_json:
         print(f"{'image':40s} {'P(melanoma)':>11s}  decision (threshold {clf.threshold:.3f})", file=out)

@@ -4,8 +4,8 @@ Policy (recorded in every model sidecar under "preprocessing"):
   1. Decode with Pillow. JPEGs use draft mode, so a 6000x4000 photo is decoded at the
      smallest 1/2, 1/4 or 1/8 scale that is still at least twice the model input.
   2. Apply the EXIF orientation tag.
-  3. Convert any mode to 8-bit RGB: 16/32-bit greyscale (I;16, I) is scaled by its full
-     range to 8 bits, palette and alpha images are flattened onto black (the vignette
+  3. Convert any mode to 8-bit RGB: 16-bit greyscale (I;16) is scaled by 65535/255,
+     32-bit integer or float greyscale (I, F) by the image's own maximum, palette and alpha images are flattened onto black (the vignette
      colour of dermoscopy), CMYK and the rest go through Pillow's RGB conversion.
   4. Resize to the input size. "squash" (default) resizes the whole image to the target
      size, ignoring aspect ratio, as the ISIC 2017 and HAM10000 sets were made;
@@ -85,7 +85,7 @@ def open_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image Pillow can read") from None
     except OSError as e:
-        raise ImageError(f"{name}: cannot read ({e})") from None
+        raise ImageError(f"{name}: damaged or truncated image, cannot read its header ({e})") from None
     w, h = img.size
     if w * h > max_pixels:
         raise ImageError(f"{name}: {w}x{h} pixels is over the limit of {max_pixels} pixels")
@@ -113,7 +113,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         a = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
         a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(a, mode="L").convert("RGB")
+        return Image.fromarray(a).convert("RGB")
     if img.mode in ("P", "PA") or "A" in img.mode or "transparency" in img.info:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))

@@ -54,6 +54,20 @@ def do_prune(run_dir: Path, sparsity: float, epochs: int, lr: float, ctx: dict) 
     return report
 
 
+def do_qat(images: int, lr: float, ctx: dict) -> None:
+    """QAT fine-tune of the run's model (efficientnet_lite0, mobilenet_v2) for the int8 export."""
+    from .qat import quantize_aware
+    cfg, rows = ctx["cfg"], ctx["rows"]
+    train_idx = rows.index[rows["split"] == "train"].to_numpy()
+    t0 = time.time()
+    ctx["qat_model"] = quantize_aware(ctx["model"], ctx["pixels"], rows["target"].to_numpy().astype("float32"),
+                                      train_idx, images, lr, cfg.batch_size, cfg.seed, cfg.class_weighting)
+    ctx["qat_info"] = {"method": "quantization-aware training (tfmot) + int8 conversion",
+                       "qat_images": min(images, len(train_idx)), "qat_lr": lr, "qat_epochs": 1,
+                       "qat_seconds": round(time.time() - t0), "not_quantized_in_training": "Rescaling (input scaling)"}
+    log(f"QAT fine-tune on {ctx['qat_info']['qat_images']} images in {ctx['qat_info']['qat_seconds']}s")
+
+
 def do_convert(variants: list[str], out_dir: Path, calibration: int, ctx: dict) -> list[dict]:
     from . import convert as C
     from train.loop import load_keras_model
@@ -75,11 +89,17 @@ def do_convert(variants: list[str], out_dir: Path, calibration: int, ctx: dict) 
                 src = load_keras_model(pruned_path)
             report = ctx.get("prune_report") or json.loads((Path(cfg.out) / "prune_report.json").read_text())
             extra["pruning"] = {k: v for k, v in report.items() if k != "layers"}
+        if variant == "int8" and "qat_model" in ctx:
+            src = ctx["qat_model"]
         t0 = time.time()
         data, how = C.convert(src, variant, rep if "int8" in variant else None)
         quant = {**how, "method": "post-training quantization" if variant != "float32" else "none",
                  "calibration_images": n_cal if "int8" in variant else 0,
                  "calibration_source": "training split" if "int8" in variant else None}
+        if variant == "int8" and "qat_model" in ctx:
+            quant.update(ctx["qat_info"])
+        elif variant == "int8":
+            quant["why_not_qat"] = ctx.get("why_not_qat", "post-training int8 chosen with --int8-method ptq")
         name = f"{cfg.backbone}_{variant}.tflite"
         meta = C.export(data, out_dir / name, backbone=cfg.backbone, variant=variant, quantization=quant,
                         cfg=cfg.to_dict(), run_metrics=ctx["run_metrics"], rows=rows, pixels=pixels,
@@ -120,6 +140,10 @@ def main(argv=None) -> int:
                            help="float32 float16 dynamic int8 pruned_int8")
             p.add_argument("--calibration", type=int, default=300, help="training images for int8 calibration")
             p.add_argument("--report", type=Path, help="write a JSON summary of the exported files here")
+            p.add_argument("--int8-method", choices=["auto", "qat", "ptq"], default="auto",
+                           help="auto: QAT where the backbone supports it, else post-training int8")
+            p.add_argument("--qat-images", type=int, default=2048, help="training images for the QAT fine-tune")
+            p.add_argument("--qat-lr", type=float, default=1e-5)
     args = ap.parse_args(argv)
     if not (args.run / "model.h5").is_file():
         print(f"error: {args.run / 'model.h5'} not found; train first with python -m train", file=sys.stderr)
@@ -131,6 +155,17 @@ def main(argv=None) -> int:
     if args.command in ("prune", "all") and (args.command == "prune" or "pruned_int8" in args.variants):
         do_prune(args.run, args.sparsity, args.prune_epochs, args.prune_lr, ctx)
     if args.command in ("convert", "all"):
+        from train.backbones import REGISTRY
+        supported = REGISTRY[ctx["cfg"].backbone][1].qat_supported
+        if "int8" in args.variants and args.int8_method != "ptq":
+            if supported:
+                do_qat(args.qat_images, args.qat_lr, ctx)
+            elif args.int8_method == "qat":
+                print(f"error: tfmot QAT does not support {ctx['cfg'].backbone}", file=sys.stderr)
+                return 2
+            else:
+                ctx["why_not_qat"] = (f"tfmot quantize_model does not support {ctx['cfg'].backbone} "
+                                      "(hard-swish TFOpLambda): post-training full int8 instead")
         results = do_convert(args.variants, args.out, args.calibration, ctx)
         report = args.report or (args.run / "export_report.json")
         report.write_text(json.dumps(results, indent=2) + "\n")

@@ -45,11 +45,11 @@ def convert(model: keras.Model, variant: str, rep_data=None) -> tuple[bytes, dic
     elif variant == "dynamic":
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         how["dynamic"] = "dynamic-range: int8 weights, float activations and I/O"
-    elif variant in ("int8", "pruned_int8", "qat_int8"):
+    elif variant in ("int8", "pruned_int8"):
         if rep_data is None:
             raise ValueError("full-int8 conversion needs calibration data")
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        conv.representative_dataset = rep_data
+        conv.representative_dataset = rep_data  # QAT models: calibrates the ranges QAT left open
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         conv.inference_input_type = tf.uint8
         conv.inference_output_type = tf.uint8

@@ -321,7 +321,7 @@ def run(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     preds.to_csv(run_dir / "predictions.csv", index=False)
     threshold = choose_threshold(preds, cfg.target_sensitivity)
     report = full_report(preds, threshold["threshold"], cfg.bootstrap, cfg.seed)
-    metrics = {"model": f"{cfg.backbone} (Keras float32)", "threshold": threshold, **report,
+    metrics = {"model": f"{cfg.backbone} (Keras float32)", **report, "threshold": threshold,
                "head_only_test_auc": head_only_test, "phase1": phase1, "phase2": phase2,
                "wall_time_minutes": round((time.time() - t_total) / 60, 1),
                "input_scaling": info.input_scaling, "provenance": provenance,

@@ -1,0 +1,285 @@
+"""`python -m benchmarks latency|tradeoff|all`: measure every model variant, write reports/.
+
+    python -m benchmarks all            # latency (with baselines) then the tradeoff table + plot
+    python -m benchmarks latency [--model models/x.tflite ...] [--runs 200] [--threads 1 2]
+    python -m benchmarks tradeoff       # reads the sidecars and reports/latency.json
+
+Scripts, not timed tests: warm-up runs are dropped, each model runs in a fresh process, and
+the machine (CPU, cores, backend) is written into every report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .measure import REPO, bench_keras, bench_tflite, cold_start, file_sizes, machine, peak_gflops, run_child
+
+MODELS = REPO / "models"
+REPORTS = REPO / "reports"
+
+
+def default_threads() -> list[int]:
+    return [t for t in (1, 2, 4) if t <= (os.cpu_count() or 1)]
+
+
+# --------------------------------------------------------------------------- latency
+def onnx_bench(float_tflite: Path, threads: int, runs: int, warmup: int) -> dict:
+    """ONNX Runtime on the same network: the float32 .tflite converted with tf2onnx."""
+    import subprocess
+    with tempfile.TemporaryDirectory() as d:
+        onnx_path = Path(d) / "model.onnx"
+        conv = subprocess.run([sys.executable, "-m", "tf2onnx.convert", "--tflite", str(float_tflite),
+                               "--output", str(onnx_path), "--opset", "17"], capture_output=True, text=True)
+        if conv.returncode != 0:
+            raise RuntimeError("tf2onnx conversion failed: " + conv.stderr.strip().splitlines()[-1])
+        return run_child("onnx", path=str(onnx_path), threads=threads, runs=runs, warmup=warmup)
+
+
+def bench_onnx(path: str, threads: int, runs: int, warmup: int) -> dict:
+    import numpy as np
+    import onnxruntime as ort
+    from .measure import latency_stats, peak_rss_mb
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    t0 = time.perf_counter()
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    init_ms = (time.perf_counter() - t0) * 1000
+    inp = sess.get_inputs()[0]
+    x = np.random.default_rng(0).uniform(0, 255, [1 if not isinstance(s, int) else s for s in inp.shape]).astype(np.float32)
+    t0 = time.perf_counter()
+    sess.run(None, {inp.name: x})
+    first_ms = (time.perf_counter() - t0) * 1000
+    for _ in range(warmup):
+        sess.run(None, {inp.name: x})
+    ms = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, {inp.name: x})
+        ms.append((time.perf_counter() - t0) * 1000)
+    return {"init_ms": init_ms, "first_inference_ms": first_ms, "num_threads": threads, "warmup_runs": warmup,
+            **latency_stats(ms), "peak_memory_mb": peak_rss_mb(), "backend": f"onnxruntime {ort.__version__}"}
+
+
+def cold_starts(default_model: Path, image: Path, backbone: str, image_size: int) -> dict:
+    """Process start -> first printed prediction: the edge CLI vs a TensorFlow + Keras script."""
+    edge_cmd = [sys.executable, "-m", "edge", "predict", str(image), "--json", "--model", str(default_model)]
+    keras_script = (
+        "import os; os.environ['TF_USE_LEGACY_KERAS']='1'; os.environ['TF_CPP_MIN_LOG_LEVEL']='3'\n"
+        "import numpy as np\nfrom edge.preprocess import preprocess, PreprocessSpec\n"
+        "from train.model import build_classifier\n"
+        f"m, _ = build_classifier({backbone!r}, {image_size}, weights=None)\n"
+        f"x = preprocess({str(image)!r}, PreprocessSpec(size=({image_size}, {image_size})))\n"
+        "print(float(m(x[None], training=False).numpy()[0, 0]), flush=True)\n")
+    return {"edge_cli_seconds": cold_start(edge_cmd),
+            "keras_tensorflow_seconds": cold_start([sys.executable, "-c", keras_script]),
+            "edge_command": " ".join(edge_cmd[1:]),
+            "keras_command": "python -c <import TF, build the Keras model, preprocess, predict>"}
+
+
+def run_latency(models: list[Path], threads: list[int], runs: int, warmup: int, baselines: bool, log) -> dict:
+    m = machine()
+    report = {"generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": m, "peak": peak_gflops(m),
+              "runs": runs, "warmup_runs": warmup, "threads": threads, "models": [], "baselines": []}
+    macs: dict[str, int] = {}
+    for path in models:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        entry = {"file": path.name, "model": meta["model"], "variant": meta["variant"], **file_sizes(path), "by_threads": {}}
+        for t in threads:
+            r = run_child("tflite", path=str(path), threads=t, runs=runs, warmup=warmup)
+            entry["by_threads"][str(t)] = r
+            log(f"{path.name} threads={t}: p50 {r['latency_ms_p50']:.2f} ms, p99 {r['latency_ms_p99']:.2f} ms, "
+                f"init {r['init_ms']:.0f} ms, peak RSS {r['peak_memory_mb']:.0f} MB")
+        report["models"].append(entry)
+        macs.setdefault(meta["model"], 0)
+    if baselines:
+        for backbone in macs:
+            size = json.loads(next(p for p in models if json.loads(p.with_suffix(".json").read_text())["model"] == backbone)
+                              .with_suffix(".json").read_text())["input"]["shape"][1]
+            for t in threads:
+                r = run_child("keras", backbone=backbone, image_size=size, threads=t, runs=max(50, runs // 2), warmup=warmup)
+                macs[backbone] = r.pop("macs")
+                report["baselines"].append({"name": f"{backbone} Keras float32 (batch 1)", "model": backbone, **r})
+                log(f"Keras {backbone} threads={t}: p50 {r['latency_ms_p50']:.2f} ms")
+            f32 = MODELS / f"{backbone}_float32.tflite"
+            if f32.exists():
+                for t in threads:
+                    try:
+                        r = onnx_bench(f32, t, runs, warmup)
+                        report["baselines"].append({"name": f"{backbone} ONNX Runtime float32 (tf2onnx of {f32.name})",
+                                                    "model": backbone, **r})
+                        log(f"ONNX Runtime {backbone} threads={t}: p50 {r['latency_ms_p50']:.2f} ms")
+                    except (RuntimeError, ImportError) as e:
+                        report["baselines"].append({"name": f"{backbone} ONNX Runtime", "error": str(e)})
+        image = REPO / "tests" / "fixtures" / "lesion.jpg"
+        default = MODELS / "efficientnet_lite0_int8.tflite"
+        if image.exists() and default.exists():
+            report["cold_start"] = cold_starts(default, image, "efficientnet_lite0", 224)
+            log(f"cold start: edge CLI {report['cold_start']['edge_cli_seconds']:.2f} s, "
+                f"TF+Keras {report['cold_start']['keras_tensorflow_seconds']:.2f} s")
+    peak = report["peak"]["fp32_peak_gflops"]
+    for entry in report["models"] + [b for b in report["baselines"] if "model" in b and "latency_ms_p50" in b]:
+        n = macs.get(entry["model"])
+        if n:
+            entry["macs"] = n
+            rows = entry["by_threads"].values() if "by_threads" in entry else [entry]
+            for r in rows:
+                r["achieved_gflops"] = 2 * n / (r["latency_ms_p50"] / 1000) / 1e9
+                r["fraction_of_fp32_peak"] = r["achieved_gflops"] / peak
+    return report
+
+
+def latency_markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# Latency report", "", f"Machine: {m['cpu']}, {m['cores']} cores, {m['arch']}, SIMD {', '.join(m['simd'])}; "
+             f"backend {m['backend']}; Python {m['python']}. Generated {report['generated']}.", "",
+             f"{report['runs']} timed runs after {report['warmup_runs']} warm-up runs, batch 1, one process per measurement. "
+             f"Peak fp32 estimate {report['peak']['fp32_peak_gflops']:.0f} GFLOP/s ({report['peak']['derivation']}).", "",
+             "| file | threads | size MB | gzip MB | init ms | first ms | p50 ms | p90 ms | p99 ms | peak RSS MB | GFLOP/s | % of peak |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in report["models"]:
+        for t, r in e["by_threads"].items():
+            lines.append(f"| {e['file']} | {t} | {e['model_size_bytes'] / 1e6:.2f} | {e['model_gzip_bytes'] / 1e6:.2f} | "
+                         f"{r['init_ms']:.0f} | {r['first_inference_ms']:.1f} | {r['latency_ms_p50']:.2f} | "
+                         f"{r['latency_ms_p90']:.2f} | {r['latency_ms_p99']:.2f} | {r['peak_memory_mb']:.0f} | "
+                         f"{r.get('achieved_gflops', 0):.1f} | {100 * r.get('fraction_of_fp32_peak', 0):.1f} |")
+    if report["baselines"]:
+        lines += ["", "## Baselines (same run)", "", "| baseline | threads | init ms | first ms | p50 ms | p90 ms | p99 ms | peak RSS MB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for b in report["baselines"]:
+            if "error" in b:
+                lines.append(f"| {b['name']} | - | failed: {b['error']} | | | | | |")
+            else:
+                lines.append(f"| {b['name']} | {b['num_threads']} | {b['init_ms']:.0f} | {b['first_inference_ms']:.1f} | "
+                             f"{b['latency_ms_p50']:.2f} | {b['latency_ms_p90']:.2f} | {b['latency_ms_p99']:.2f} | {b['peak_memory_mb']:.0f} |")
+    if "cold_start" in report:
+        c = report["cold_start"]
+        lines += ["", "## Cold start (process start to first printed prediction)", "",
+                  f"- `{c['edge_command']}`: {c['edge_cli_seconds']:.2f} s",
+                  f"- TensorFlow + Keras script: {c['keras_tensorflow_seconds']:.2f} s"]
+    macs = {e["model"]: e["macs"] for e in report["models"] if "macs" in e}
+    if macs:
+        lines += ["", "## Compute", ""] + [f"- {k}: {v / 1e6:.0f} M multiply-accumulates per image" for k, v in macs.items()]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- tradeoff
+def pareto(points: list[tuple[float, float]]) -> list[bool]:
+    """Not dominated: no other point is at least as fast and at least as accurate, and better in one."""
+    out = []
+    for i, (lat, auc) in enumerate(points):
+        dominated = any((l2 <= lat and a2 >= auc) and (l2 < lat or a2 > auc) for j, (l2, a2) in enumerate(points) if j != i)
+        out.append(not dominated)
+    return out
+
+
+def run_tradeoff(models: list[Path], latency: dict | None, threads: int, log) -> dict:
+    rows = []
+    lat_by_file = {e["file"]: e for e in (latency or {}).get("models", [])}
+    for path in models:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        test = meta["metrics"]["test"]["all"]
+        lat = lat_by_file.get(path.name, {}).get("by_threads", {}).get(str(threads))
+        if lat is None:
+            lat = bench_tflite(path, threads, 100, 10)
+        rows.append({"file": path.name, "model": meta["model"], "variant": meta["variant"],
+                     "roc_auc": test["roc_auc"], "roc_auc_ci95": test["roc_auc_ci95"],
+                     "sensitivity": test["sensitivity"], "specificity": test["specificity"],
+                     "threshold": meta["threshold"], "size_bytes": path.stat().st_size,
+                     "latency_ms_p50": lat["latency_ms_p50"], "latency_ms_p90": lat["latency_ms_p90"]})
+    for r, p in zip(rows, pareto([(r["latency_ms_p50"], r["roc_auc"]) for r in rows])):
+        r["pareto"] = p
+    m = latency["machine"] if latency else machine()
+    return {"generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": m, "threads": threads,
+            "split": "held-out test split (grouped by patient/lesion); threshold chosen on validation", "rows": rows}
+
+
+def tradeoff_markdown(rep: dict) -> str:
+    m = rep["machine"]
+    lines = ["# Accuracy-latency tradeoff", "", f"Machine: {m['cpu']}, {m['cores']} cores, backend {m['backend']}. "
+             f"Generated {rep['generated']}. Latency: median per image at {rep['threads']} threads. {rep['split']}.", "",
+             "| file | ROC AUC (95% CI) | sensitivity | specificity | threshold | size MB | p50 ms | p90 ms | Pareto |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rep["rows"]:
+        lo, hi = r["roc_auc_ci95"]
+        lines.append(f"| {r['file']} | {r['roc_auc']:.3f} ({lo:.3f}-{hi:.3f}) | {r['sensitivity']:.3f} | {r['specificity']:.3f} | "
+                     f"{r['threshold']:.3f} | {r['size_bytes'] / 1e6:.2f} | {r['latency_ms_p50']:.2f} | {r['latency_ms_p90']:.2f} | "
+                     f"{'yes' if r['pareto'] else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def tradeoff_plot(rep: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in rep["rows"]:
+        lo, hi = r["roc_auc_ci95"]
+        ax.errorbar(r["latency_ms_p50"], r["roc_auc"], yerr=[[r["roc_auc"] - lo], [hi - r["roc_auc"]]],
+                    fmt="o" if r["pareto"] else "s", color="C0" if r["pareto"] else "C7", capsize=3)
+        ax.annotate(r["file"].replace(".tflite", ""), (r["latency_ms_p50"], r["roc_auc"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    front = sorted((r["latency_ms_p50"], r["roc_auc"]) for r in rep["rows"] if r["pareto"])
+    if front:
+        ax.plot(*zip(*front), "C0--", lw=1, label="Pareto front")
+        ax.legend(fontsize=8)
+    ax.set(xlabel=f"median latency per image, ms ({rep['threads']} threads)", ylabel="test ROC AUC (95% CI)",
+           title="Accuracy vs latency of each shipped variant")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- CLI
+def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["_child"]:  # internal: one measurement in a fresh process
+        kind, kw = argv[1], json.loads(argv[2])
+        fn = {"tflite": lambda: bench_tflite(Path(kw["path"]), kw["threads"], kw["runs"], kw["warmup"]),
+              "keras": lambda: bench_keras(**kw), "onnx": lambda: bench_onnx(**kw)}[kind]
+        print(json.dumps(fn()))
+        return 0
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    ap.add_argument("command", choices=["latency", "tradeoff", "all"])
+    ap.add_argument("--model", type=Path, nargs="+", help="model files (default: every .tflite in models/)")
+    ap.add_argument("--threads", type=int, nargs="+", default=default_threads())
+    ap.add_argument("--runs", type=int, default=200, help="timed runs per measurement (at least 100)")
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--no-baselines", action="store_true", help="skip Keras, ONNX Runtime and cold start")
+    ap.add_argument("--out", type=Path, default=REPORTS)
+    args = ap.parse_args(argv)
+    models = args.model or sorted(MODELS.glob("*.tflite"))
+    missing = [p for p in models if not p.is_file() or not p.with_suffix(".json").is_file()]
+    if not models or missing:
+        print(f"error: no model (with sidecar) to benchmark: {missing or MODELS}", file=sys.stderr)
+        return 2
+    if args.runs < 100:
+        print("error: --runs must be at least 100", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    latency = None
+    if args.command in ("latency", "all"):
+        latency = run_latency(models, args.threads, args.runs, args.warmup, not args.no_baselines, log)
+        (args.out / "latency.json").write_text(json.dumps(latency, indent=2) + "\n")
+        (args.out / "latency.md").write_text(latency_markdown(latency))
+        log(f"wrote {args.out / 'latency.md'}")
+    if args.command in ("tradeoff", "all"):
+        if latency is None and (args.out / "latency.json").is_file():
+            latency = json.loads((args.out / "latency.json").read_text())
+        threads = 2 if 2 in args.threads else args.threads[0]
+        rep = run_tradeoff(models, latency, threads, log)
+        (args.out / "tradeoff.json").write_text(json.dumps(rep, indent=2) + "\n")
+        (args.out / "tradeoff.md").write_text(tradeoff_markdown(rep))
+        tradeoff_plot(rep, args.out / "tradeoff.png")
+        log(f"wrote {args.out / 'tradeoff.md'} and tradeoff.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Measurement helpers: machine facts, latency statistics, one-model runs in a fresh process."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def machine() -> dict:
+    """CPU model, cores, flags that set the peak, and the software versions."""
+    cpu, mhz, flags = platform.processor() or platform.machine(), None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            key, val = key.strip(), val.strip()
+            if key == "model name" and cpu in (platform.processor(), platform.machine(), ""):
+                cpu = val
+            elif key == "cpu MHz" and mhz is None:
+                mhz = float(val)
+            elif key == "flags" and not flags:
+                flags = set(val.split())
+    except OSError:
+        pass
+    from edge import load_interpreter_class
+    _, backend = load_interpreter_class()
+    return {"cpu": cpu, "cores": os.cpu_count(), "mhz": mhz, "arch": platform.machine(),
+            "simd": [f for f in ("avx512f", "avx512_vnni", "avx2", "fma", "neon", "asimd") if f in flags],
+            "python": platform.python_version(), "backend": backend, "os": platform.platform()}
+
+
+def peak_gflops(m: dict) -> dict:
+    """Theoretical fp32 peak: cores x clock x FLOPs/cycle/core.
+
+    FLOPs/cycle: 2 FMA ports x vector lanes x 2 (multiply + add): 64 with AVX-512, 32 with
+    AVX2+FMA, 16 with SSE/NEON-128. The clock is /proc/cpuinfo's current "cpu MHz" (a VM may
+    report the nominal clock; turbo is ignored), so this is an estimate, not a measurement.
+    """
+    per_cycle = 64 if "avx512f" in m["simd"] else 32 if {"avx2", "fma"} <= set(m["simd"]) else 16
+    ghz = (m.get("mhz") or 2000.0) / 1000
+    return {"fp32_peak_gflops": m["cores"] * ghz * per_cycle, "flops_per_cycle_per_core": per_cycle,
+            "ghz": ghz, "derivation": peak_gflops.__doc__.strip().splitlines()[0]}
+
+
+def latency_stats(ms: list[float]) -> dict:
+    a = np.asarray(ms)
+    return {"count": int(a.size), "latency_ms_mean": float(a.mean()), "latency_ms_p50": float(np.percentile(a, 50)),
+            "latency_ms_p90": float(np.percentile(a, 90)), "latency_ms_p99": float(np.percentile(a, 99)),
+            "latency_ms_min": float(a.min()), "latency_ms_std": float(a.std())}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def file_sizes(path: Path) -> dict:
+    data = Path(path).read_bytes()
+    return {"model_size_bytes": len(data), "model_gzip_bytes": len(gzip.compress(data, 9))}
+
+
+def bench_tflite(path: Path, threads: int, runs: int, warmup: int) -> dict:
+    """Load, first inference, then `runs` timed invokes after `warmup` (run in a child process)."""
+    from edge import load_interpreter_class
+    cls, backend = load_interpreter_class()
+    t0 = time.perf_counter()
+    it = cls(model_path=str(path), num_threads=threads)
+    it.allocate_tensors()
+    init_ms = (time.perf_counter() - t0) * 1000
+    d = it.get_input_details()[0]
+    x = (np.random.default_rng(0).integers(0, 256, d["shape"]).astype(d["dtype"]) if np.issubdtype(d["dtype"], np.integer)
+         else np.random.default_rng(0).uniform(0, 255, d["shape"]).astype(d["dtype"]))
+    t0 = time.perf_counter()
+    it.set_tensor(d["index"], x)
+    it.invoke()
+    first_ms = (time.perf_counter() - t0) * 1000
+    for _ in range(warmup):
+        it.set_tensor(d["index"], x)
+        it.invoke()
+    ms = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        it.set_tensor(d["index"], x)
+        it.invoke()
+        ms.append((time.perf_counter() - t0) * 1000)
+    return {"init_ms": init_ms, "first_inference_ms": first_ms, "num_threads": threads, "warmup_runs": warmup,
+            **latency_stats(ms), "peak_memory_mb": peak_rss_mb(), "backend": backend}
+
+
+def bench_keras(backbone: str, image_size: int, threads: int, runs: int, warmup: int) -> dict:
+    """The float Keras model at batch 1, `model(x, training=False)`. Latency does not depend on
+    the weight values, so the architecture is built from the registry (weights=None)."""
+    from train import tfenv  # noqa: F401
+    import tensorflow as tf
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    from train.model import build_classifier
+    t0 = time.perf_counter()
+    model, _ = build_classifier(backbone, image_size, weights=None)
+    init_ms = (time.perf_counter() - t0) * 1000
+    x = tf.constant(np.random.default_rng(0).uniform(0, 255, (1, image_size, image_size, 3)).astype(np.float32))
+    t0 = time.perf_counter()
+    model(x, training=False)
+    first_ms = (time.perf_counter() - t0) * 1000
+    for _ in range(warmup):
+        model(x, training=False)
+    ms = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        model(x, training=False).numpy()
+        ms.append((time.perf_counter() - t0) * 1000)
+    return {"init_ms": init_ms, "first_inference_ms": first_ms, "num_threads": threads, "warmup_runs": warmup,
+            **latency_stats(ms), "peak_memory_mb": peak_rss_mb(), "backend": f"tensorflow {tf.__version__} (eager)",
+            "macs": count_macs(model)}
+
+
+def count_macs(model) -> int:
+    """Multiply-accumulates of one image through Conv2D, DepthwiseConv2D and Dense layers."""
+    import tf_keras as keras
+    from train.model import backbone_layers
+    total = 0
+    for layer in backbone_layers(model):
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            _, h, w, c = layer.output_shape
+            kh, kw = layer.kernel_size
+            total += h * w * c * kh * kw
+        elif isinstance(layer, keras.layers.Conv2D):
+            _, h, w, cout = layer.output_shape
+            kh, kw = layer.kernel_size
+            total += h * w * cout * kh * kw * layer.input_shape[-1] // layer.groups
+        elif isinstance(layer, keras.layers.Dense):
+            total += layer.input_shape[-1] * layer.units
+    return int(total)
+
+
+def run_child(kind: str, **kwargs) -> dict:
+    """Run one measurement in a fresh interpreter, so load time and peak memory are its own."""
+    cmd = [sys.executable, "-m", "benchmarks", "_child", kind, json.dumps(kwargs)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} benchmark failed: {out.stderr.strip().splitlines()[-1:] or out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cold_start(cmd: list[str], env: dict | None = None) -> float:
+    """Seconds from process start to its first line on stdout."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+                         env={**os.environ, **(env or {})})
+    line = p.stdout.readline()
+    elapsed = time.perf_counter() - t0
+    p.wait(timeout=600)
+    if not line or p.returncode not in (0,):
+        raise RuntimeError(f"cold-start command failed: {' '.join(cmd)} (exit {p.returncode})")
+    return elapsed

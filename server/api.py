@@ -1,0 +1,32 @@
+"""JSON API: /api/v1/predict, /api/v1/model, /healthz."""
+from flask import Blueprint, jsonify
+
+from edge import DISCLAIMER
+
+from . import classifier, model_card
+from .uploads import classify_upload
+
+bp = Blueprint("api", __name__)
+
+
+@bp.post("/api/v1/predict")
+def predict():
+    """Classify the multipart field `image`; JSON with probability, label, threshold, model, latency."""
+    pred = classify_upload()
+    clf = classifier()
+    return jsonify({**pred.to_dict(), "model": clf.meta["model"], "variant": clf.meta["variant"],
+                    "model_sha256": clf.meta["sha256"], "disclaimer": DISCLAIMER})
+
+
+@bp.get("/api/v1/model")
+def model():
+    """The served model's sidecar: spec, metrics, provenance."""
+    return jsonify(model_card())
+
+
+@bp.get("/healthz")
+def healthz():
+    """Ready once the model is loaded; names it by sha256."""
+    clf = classifier()
+    return jsonify({"status": "ok", "model": clf.model_path.name, "sha256": clf.meta["sha256"],
+                    "backend": clf.backend})

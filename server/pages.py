@@ -1,0 +1,51 @@
+"""HTML pages: the upload form, the result page and the tradeoff report."""
+from pathlib import Path
+
+from flask import Blueprint, abort, current_app, render_template, send_from_directory
+
+from . import classifier, load_tradeoffs
+from .uploads import classify_upload
+
+bp = Blueprint("pages", __name__)
+REPORT_FILES = {"tradeoff.png", "tradeoff.md", "tradeoff.json", "latency.md", "latency.json"}
+
+
+def model_summary() -> dict:
+    meta = classifier().meta
+    policy = meta.get("threshold_policy", {})
+    test = meta.get("metrics", {}).get("test", {}).get("all", {})
+    return {"model": meta["model"], "variant": meta["variant"], "threshold": meta["threshold"],
+            "val_sensitivity": policy.get("val_sensitivity"), "val_specificity": policy.get("val_specificity"),
+            "test_auc": test.get("roc_auc"), "test_sensitivity": test.get("sensitivity"),
+            "test_specificity": test.get("specificity")}
+
+
+@bp.get("/")
+def index():
+    """The upload form."""
+    limit_mb = current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
+    return render_template("index.html", m=model_summary(), limit_mb=limit_mb)
+
+
+@bp.post("/predict")
+def predict():
+    """Classify the uploaded image and show the result page."""
+    pred = classify_upload()
+    return render_template("result.html", p=pred, m=model_summary())
+
+
+@bp.get("/tradeoffs")
+def tradeoffs():
+    """The accuracy-latency table and Pareto plot from the benchmark report, if one exists."""
+    reports = Path(current_app.config["REPORTS_DIR"])
+    report = load_tradeoffs(reports)
+    has_plot = (reports / "tradeoff.png").is_file()
+    return render_template("tradeoffs.html", report=report, has_plot=has_plot)
+
+
+@bp.get("/reports/<name>")
+def report_file(name: str):
+    """Serve the report files /tradeoffs links to (a fixed allow-list)."""
+    if name not in REPORT_FILES:
+        abort(404, "no such report")
+    return send_from_directory(Path(current_app.config["REPORTS_DIR"]).resolve(), name)

@@ -1,0 +1,65 @@
+"""Backbones: the Lite0 port against the original PyTorch network, the registry, local weights."""
+import numpy as np
+import pytest
+
+from .conftest import REPO, SHARED_WEIGHTS
+
+LITE0_TOLERANCE = 1e-3  # max |logit difference| vs the PyTorch reference (float32 rounding only)
+
+
+def reference_pixels():
+    """Must match tests/fixtures/make_lite0_reference.py."""
+    rng = np.random.RandomState(0)
+    noise = rng.randint(0, 256, (224, 224, 3))
+    yy, xx = np.mgrid[0:224, 0:224]
+    grad = np.stack([xx, yy, (xx + yy) // 2], -1) * 255 // 446
+    return np.stack([noise, grad]).astype(np.float32)
+
+
+def test_lite0_port_matches_pytorch_reference():
+    from train.backbones import build_lite0, load_lite0_weights
+    model = build_lite0(include_top=True)
+    load_lite0_weights(model)
+    ref = np.load(REPO / "tests" / "fixtures" / "lite0_reference.npz")["logits"]
+    got = model(reference_pixels(), training=False).numpy()
+    assert np.abs(got - ref).max() < LITE0_TOLERANCE
+    assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+def test_legacy_torch_reader_shapes():
+    from train.backbones import lite0_weights_path, read_legacy_torch_state_dict
+    sd = read_legacy_torch_state_dict(lite0_weights_path())
+    assert sd["_conv_stem.weight"].shape == (32, 3, 3, 3) and sd["_fc.weight"].shape == (1000, 1280)
+    assert sd["_blocks.15._project_conv.weight"].dtype == np.float32
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "mobilenet_v3_large", "mobilenet_v2", "efficientnet_lite0"])
+def test_registry_builds_classifier_without_weights(name):
+    from train.model import build_classifier, set_trainable
+    model, info = build_classifier(name, 96, weights="none")
+    x = np.random.default_rng(0).uniform(0, 255, (2, 96, 96, 3)).astype(np.float32)
+    p = model(x, training=False).numpy()
+    assert p.shape == (2, 1) and ((0 <= p) & (p <= 1)).all()
+    n_top = set_trainable(model, name, 2, info.num_blocks)
+    n_head = set_trainable(model, name, 0, info.num_blocks)
+    assert n_top > n_head > 0  # top blocks add trainable weights; BatchNorm never does
+    import tf_keras as keras
+    from train.model import backbone_layers
+    assert not any(l.trainable_weights for l in backbone_layers(model) if isinstance(l, keras.layers.BatchNormalization))
+
+
+def test_unknown_backbone():
+    from train.backbones import build_backbone
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("resnet9000")
+
+
+@pytest.mark.skipif(not (SHARED_WEIGHTS / "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5").exists(),
+                    reason="../shared/weights not present")
+def test_local_weights_by_environment_variable(monkeypatch):
+    from train.backbones import build_backbone
+    monkeypatch.setenv("MOBILENET_V3_SMALL_WEIGHTS", str(SHARED_WEIGHTS / "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"))
+    a, _ = build_backbone("mobilenet_v3_small")
+    b, _ = build_backbone("mobilenet_v3_small", weights=None)
+    wa, wb = a.get_layer("Conv").get_weights()[0], b.get_layer("Conv").get_weights()[0]
+    assert wa.shape == wb.shape and not np.allclose(wa, wb)

@@ -1,0 +1,53 @@
+"""Benchmarks are scripts: check that they run on a tiny model and write well-formed reports."""
+import json
+import shutil
+
+from benchmarks.__main__ import main, pareto
+
+
+def test_pareto_front():
+    # (latency, auc): b dominates c; a and b are on the front
+    assert pareto([(10, 0.90), (5, 0.88), (6, 0.85)]) == [True, True, False]
+
+
+def test_latency_and_tradeoff_reports(tiny_models, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    for k in ("uint8", "float32"):
+        for suffix in (".tflite", ".json"):
+            shutil.copy(tiny_models[k].with_suffix(suffix), models / (tiny_models[k].stem + suffix))
+    out = tmp_path / "reports"
+    files = sorted(models.glob("*.tflite"))
+    assert main(["all", "--model", *map(str, files), "--threads", "1", "2", "--runs", "100", "--warmup", "5",
+                 "--no-baselines", "--out", str(out)]) == 0
+    lat = json.loads((out / "latency.json").read_text())
+    assert lat["machine"]["cores"] >= 1 and lat["machine"]["backend"]
+    assert lat["runs"] == 100 and len(lat["models"]) == 2
+    for e in lat["models"]:
+        assert e["model_gzip_bytes"] > 0 and set(e["by_threads"]) == {"1", "2"}
+        r = e["by_threads"]["1"]
+        assert r["count"] == 100 and r["latency_ms_p50"] <= r["latency_ms_p90"] <= r["latency_ms_p99"]
+        assert r["peak_memory_mb"] > 0 and r["init_ms"] > 0
+    md = (out / "latency.md").read_text()
+    assert "p99 ms" in md and lat["machine"]["cpu"] in md
+    trade = json.loads((out / "tradeoff.json").read_text())
+    assert [r["file"] for r in trade["rows"]] == [p.name for p in files]
+    assert all("latency_ms_p50" in r and "roc_auc_ci95" in r for r in trade["rows"])
+    assert (out / "tradeoff.png").stat().st_size > 1000 and "Pareto" in (out / "tradeoff.md").read_text()
+
+
+def test_refuses_too_few_runs_and_missing_models(tmp_path, capsys):
+    assert main(["latency", "--runs", "10", "--model", str(tmp_path / "x.tflite")]) == 2
+    assert main(["latency", "--model", str(tmp_path / "x.tflite")]) == 2
+
+
+def test_mac_count_of_a_known_layer_stack():
+    from train import tfenv  # noqa: F401
+    import tf_keras as keras
+    from benchmarks.measure import count_macs
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inp)  # 8*8*4*9*3 = 6912
+    x = keras.layers.DepthwiseConv2D(3, padding="same")(x)  # 8*8*4*9 = 2304
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(2)(x)  # 8
+    assert count_macs(keras.Model(inp, out)) == 6912 + 2304 + 8

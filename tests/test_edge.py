@@ -1,0 +1,129 @@
+"""The on-device runner and its CLI: quantized I/O, sidecar checks, bad images, no TensorFlow."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edge import Classifier, SidecarError, read_sidecar
+from edge.__main__ import main as edge_main
+from edge.runner import dequantize, quantize
+
+from .conftest import REPO, TINY, jpeg_bytes, lesion_image
+
+
+@pytest.mark.parametrize("kind", ["uint8", "int8", "float32"])
+def test_runner_on_each_io_type(tiny_models, kind):
+    clf = Classifier(tiny_models[kind], num_threads=1)
+    assert np.dtype(clf.input_details["dtype"]).name == kind
+    pred = clf.classify(jpeg_bytes(lesion_image(3)))
+    assert 0.0 <= pred.probability <= 1.0
+    assert pred.label == ("melanoma" if pred.probability >= pred.threshold else "not melanoma")
+    assert pred.threshold == 0.5
+
+
+def test_quantized_models_agree_with_float(tiny_models):
+    """The runner's input quantization and output dequantization follow the tensors' params."""
+    from train import tfenv  # noqa: F401
+    import tf_keras as keras
+    keras_model = keras.models.load_model(str(tiny_models["float32"]).replace(".tflite", ".h5"), compile=False)
+    x = np.random.default_rng(1).uniform(0, 255, (TINY, TINY, 3)).astype(np.float32)
+    ref = float(keras_model(x[None]).numpy()[0, 0])
+    for kind in ("uint8", "int8"):
+        p, _ = Classifier(tiny_models[kind]).predict_array(np.round(x))
+        assert abs(p - ref) < 0.05, kind  # within a few int8 steps of the float model
+
+
+def test_quantize_dequantize_round_trip():
+    x = np.array([0.0, 1.0, 127.4, 255.0])
+    q = quantize(x, np.int8, 1.0, -128)
+    assert q.dtype == np.int8 and q.tolist() == [-128, -127, -1, 127]
+    np.testing.assert_allclose(dequantize(q, 1.0, -128), np.round(x))
+    assert quantize(np.array([1000.0]), np.uint8, 1.0, 0).tolist() == [255]  # clipped, not wrapped
+
+
+def test_sidecar_sha_mismatch_refused(tiny_models, tmp_path):
+    model = tmp_path / "m.tflite"
+    shutil.copy(tiny_models["uint8"], model)
+    shutil.copy(tiny_models["uint8"].with_suffix(".json"), model.with_suffix(".json"))
+    Classifier(model)  # intact: loads
+    with open(model, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(SidecarError, match="does not match its sidecar"):
+        Classifier(model)
+
+
+def test_missing_or_broken_sidecar(tiny_models, tmp_path):
+    model = tmp_path / "m.tflite"
+    shutil.copy(tiny_models["uint8"], model)
+    with pytest.raises(SidecarError, match="no sidecar"):
+        read_sidecar(model)
+    model.with_suffix(".json").write_text("{not json")
+    with pytest.raises(SidecarError, match="not valid JSON"):
+        read_sidecar(model)
+    model.with_suffix(".json").write_text(json.dumps({"schema_version": 1}))
+    with pytest.raises(SidecarError, match="missing keys"):
+        read_sidecar(model)
+
+
+def test_cli_json_and_exit_codes(tiny_models, images_dir, capsys):
+    (images_dir / "broken.jpg").write_bytes(jpeg_bytes(lesion_image(9))[:200])
+    (images_dir / "text.png").write_bytes(b"hello")
+    code = edge_main(["predict", str(images_dir), "--json", "--model", str(tiny_models["uint8"]), "--threads", "1"])
+    out, err = capsys.readouterr()
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == 3
+    ok = [r for r in records if "error" not in r]
+    bad = [r for r in records if "error" in r]
+    assert len(ok) == 3 and len(bad) == 2
+    for r in ok:
+        assert {"image", "probability", "label", "threshold", "model"} <= set(r)
+        assert r["label"] in ("melanoma", "not melanoma")
+    assert "broken.jpg" in err and "text.png" in err and "2 of 5 inputs could not be read" in err
+
+
+def test_cli_table_all_readable(tiny_models, images_dir, capsys):
+    assert edge_main(["predict", str(images_dir / "ok0.jpg"), "--model", str(tiny_models["float32"])]) == 0
+    out = capsys.readouterr().out
+    assert "ok0.jpg" in out and "not a diagnosis" in out
+
+
+def test_cli_usage_errors(tiny_models, tmp_path, capsys):
+    assert edge_main(["predict", str(tmp_path), "--model", str(tiny_models["uint8"])]) == 2  # empty folder
+    assert edge_main(["predict", "x.jpg", "--model", str(tmp_path / "none.tflite")]) == 2
+    assert edge_main(["predict", "x.jpg", "--threads", "0", "--model", str(tiny_models["uint8"])]) == 2
+    with pytest.raises(SystemExit) as e:
+        edge_main(["frobnicate"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "model file not found" in err
+
+
+def test_cli_info(tiny_models, capsys):
+    assert edge_main(["info", "--model", str(tiny_models["uint8"]), "--threads", "2"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["backend"] in ("ai_edge_litert", "tflite_runtime", "tensorflow.lite")
+    assert info["num_threads"] == 2 and info["input_dtype"] == "uint8" and info["input_shape"] == [1, TINY, TINY, 3]
+
+
+def test_importing_edge_and_server_loads_no_tensorflow():
+    code = ("import sys, edge, edge.__main__, server, server.__main__\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_keras', 'keras', 'tensorflow_model_optimization'))\n"
+            "print(len(bad)); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_edge_runs_a_prediction_without_tensorflow(tiny_models, images_dir):
+    """A full CLI prediction in a process where importing TensorFlow is made impossible."""
+    code = ("import sys\nclass Block:\n"
+            "    def find_spec(self, name, *a):\n"
+            "        if name.split('.')[0] in ('tensorflow', 'tf_keras', 'keras'): raise ImportError('blocked ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from edge.__main__ import main\n"
+            f"sys.exit(main(['predict', {str(images_dir / 'ok1.jpg')!r}, '--json', '--model', {str(tiny_models['uint8'])!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[0])["label"] in ("melanoma", "not melanoma")

@@ -1,0 +1,50 @@
+"""Metrics are pure functions: check them against hand-computed cases."""
+import numpy as np
+import pytest
+
+from train import metrics as M
+
+
+def test_threshold_reaches_target_sensitivity_on_its_data():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(50), np.zeros(200)].astype(int)
+    p = np.r_[rng.uniform(0.3, 1, 50), rng.uniform(0, 0.7, 200)]
+    for target in (0.8, 0.9, 1.0):
+        t = M.threshold_for_sensitivity(y, p, target)
+        sens = (p[y == 1] >= t).mean()
+        assert sens >= target
+        # the highest such threshold: any higher one drops below target
+        assert (p[y == 1] >= np.nextafter(t, 2)).mean() < target
+
+
+def test_confusion_and_rates():
+    y = np.array([1, 1, 0, 0, 0])
+    p = np.array([0.9, 0.2, 0.8, 0.1, 0.3])
+    m = M.binary_metrics(y, p, 0.5, bootstrap=0)
+    assert m["confusion_matrix"] == {"tp": 1, "fn": 1, "tn": 2, "fp": 1}
+    assert m["sensitivity"] == 0.5 and m["specificity"] == pytest.approx(2 / 3)
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 2 / 3) / 2)
+    assert m["roc_auc"] == pytest.approx(4 / 6)
+
+
+def test_ece_zero_when_calibrated_and_large_when_not():
+    p = np.repeat([0.05, 0.25, 0.75], 400)
+    y = np.concatenate([np.r_[np.ones(20), np.zeros(380)], np.r_[np.ones(100), np.zeros(300)], np.r_[np.ones(300), np.zeros(100)]])
+    assert M.calibration(y, p)["ece"] < 1e-9
+    assert M.calibration(y, 1 - p)["ece"] > 0.4
+
+
+def test_bootstrap_interval_brackets_auc_and_is_reproducible():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    p = y * 0.3 + rng.uniform(0, 1, 300)
+    lo, hi = M.bootstrap_auc_ci(y, p, 300, seed=3)
+    assert lo < M.roc_auc(y, p) < hi and hi - lo < 0.2
+    assert M.bootstrap_auc_ci(y, p, 300, seed=3) == (lo, hi)
+
+
+def test_per_source_breakdown():
+    y = np.array([1, 0, 1, 0])
+    p = np.array([0.9, 0.1, 0.4, 0.6])
+    out = M.metrics_by_source(y, p, np.array(["a", "a", "b", "b"]), 0.5, bootstrap=0)
+    assert out["a"]["roc_auc"] == 1.0 and out["b"]["roc_auc"] == 0.0 and out["all"]["n"] == 4

@@ -1,0 +1,102 @@
+"""edge.preprocess: modes, orientation, resize policy, bad files, and train == inference."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edge.preprocess import ImageError, PreprocessSpec, open_image, preprocess
+
+from .conftest import jpeg_bytes, lesion_image
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "RGB"])
+def test_every_mode_becomes_rgb(mode):
+    src = lesion_image(0)
+    grey = np.asarray(src.convert("L"))
+    if mode == "I;16":
+        img = Image.fromarray(grey.astype(np.uint16) * 257)
+    elif mode == "I":
+        img = Image.fromarray(grey.astype(np.int32) * 1000)
+    else:
+        img = src.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, "PNG" if mode not in ("CMYK", "I") else "TIFF")
+    x = preprocess(buf.getvalue(), PreprocessSpec(size=(20, 30)))
+    assert x.shape == (20, 30, 3) and x.dtype == np.float32
+    assert 0 <= x.min() and x.max() <= 255
+    assert x.max() > 100  # not crushed to black (I;16 is scaled by its range, not clipped)
+
+
+def test_i16_scaled_not_clipped():
+    a = np.full((8, 8), 32768, np.uint16)  # mid-grey in 16 bits
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    x = preprocess(buf.getvalue(), PreprocessSpec(size=(8, 8)))
+    assert abs(float(x.mean()) - 128) < 2
+
+
+def test_exif_orientation_applied():
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 20, 20))  # white left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif, quality=95)
+    out = open_image(buf.getvalue())
+    assert out.size == (20, 40)  # portrait after transpose
+    a = np.asarray(out, np.float32).mean(axis=(1, 2))
+    assert a[:15].mean() > 200 and a[-15:].mean() < 50  # white half is now on top
+
+
+def test_resize_policies_differ():
+    img = Image.new("RGB", (200, 100), (0, 0, 0))
+    img.paste((255, 0, 0), (0, 0, 50, 100))  # red band on the far left
+    data = jpeg_bytes(img, quality=95)
+    squash = preprocess(data, PreprocessSpec(size=(32, 32), resize="squash"))
+    crop = preprocess(data, PreprocessSpec(size=(32, 32), resize="center_crop"))
+    assert squash[:, :4, 0].mean() > 200  # the band survives squashing
+    assert crop[:, :4, 0].mean() < 60  # and is cropped away by centre crop
+
+
+def test_large_jpeg_uses_draft_and_matches_target():
+    img = lesion_image(1, size=(3000, 2000))
+    x = preprocess(jpeg_bytes(img), PreprocessSpec(size=(224, 224)))
+    assert x.shape == (224, 224, 3)
+
+
+@pytest.mark.parametrize("data,msg", [(b"", "empty"), (b"not an image at all", "not an image"),
+                                      (jpeg_bytes(lesion_image(2))[:300], "truncated")])
+def test_bad_inputs_raise_image_error(data, msg):
+    with pytest.raises(ImageError, match=msg):
+        preprocess(data)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageError, match="no such file"):
+        preprocess(tmp_path / "nope.jpg")
+
+
+def test_decompression_bomb_refused_before_decoding():
+    data = jpeg_bytes(Image.new("RGB", (400, 300)))
+    with pytest.raises(ImageError, match="over the limit"):
+        preprocess(data, max_pixels=100_000)
+
+
+def test_spec_round_trip_and_validation():
+    spec = PreprocessSpec(size=(96, 128), resize="center_crop")
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError):
+        PreprocessSpec(resize="stretch")
+
+
+def test_training_pipeline_gives_identical_arrays(isic_csv_dir, tmp_path):
+    """The training cache is built by edge.preprocess: same file, same array, bit for bit."""
+    from train import data as D
+    ds = D.read_source(isic_csv_dir)
+    spec = PreprocessSpec(size=(48, 48))
+    pixels, bad = D.build_pixel_cache(ds.rows, spec, tmp_path / "cache", workers=1)
+    assert len(bad) == 0
+    for i in (0, 7, 39):
+        inference = preprocess(ds.rows["path"].iloc[i], spec)
+        np.testing.assert_array_equal(np.asarray(pixels[i], np.float32), inference)

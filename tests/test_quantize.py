@@ -1,0 +1,65 @@
+"""Pruning and conversion of a tiny trained model, end to end in a temporary folder."""
+import json
+
+import numpy as np
+import pytest
+
+from edge import Classifier, read_sidecar
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    from quantize.__main__ import main
+    out = tmp_path_factory.mktemp("models")
+    code = main(["all", "--run", str(tiny_run), "--out", str(out), "--calibration", "200", "--sparsity", "0.5",
+                 "--prune-epochs", "2"])
+    assert code == 0
+    return out
+
+
+def test_every_variant_with_sidecar(exported):
+    for v in ("float32", "float16", "dynamic", "int8", "pruned_int8"):
+        path = exported / f"efficientnet_lite0_{v}.tflite"
+        meta = read_sidecar(path)  # checks sha256 too
+        assert meta["variant"] == v
+        for key in ("input", "output", "preprocessing", "labels", "threshold", "metrics", "provenance", "config",
+                    "quantization"):
+            assert key in meta, key
+        assert meta["metrics"]["computed_with"].startswith("this .tflite file")
+        assert meta["threshold_policy"]["chosen_on"] == "validation split"
+        assert "parity_vs_keras_float" in meta["metrics"]
+
+
+def test_int8_is_integer_io_and_small(exported):
+    meta = read_sidecar(exported / "efficientnet_lite0_int8.tflite")
+    assert meta["input"]["dtype"] == "uint8" and meta["output"]["dtype"] == "uint8"
+    assert meta["input"]["quantization"]["scale"] > 0
+    assert meta["quantization"]["calibration_source"] == "training split"
+    f32 = (exported / "efficientnet_lite0_float32.tflite").stat().st_size
+    assert (exported / "efficientnet_lite0_int8.tflite").stat().st_size <= 0.30 * f32
+
+
+def test_pruning_reaches_target_sparsity(tiny_run, exported):
+    report = json.loads((tiny_run / "prune_report.json").read_text())
+    pruned = [l for l in report["layers"] if l["sparsity"] > 0]
+    assert pruned and max(l["sparsity"] for l in pruned) == pytest.approx(0.5, abs=0.02)
+    assert report["keras_weights_gzip_bytes_after"] < report["keras_weights_gzip_bytes_before"]
+    meta = read_sidecar(exported / "efficientnet_lite0_pruned_int8.tflite")
+    assert meta["pruning"]["target_sparsity"] == 0.5
+
+
+def test_int8_parity_with_float_on_fixed_inputs(exported):
+    """The runner on int8 vs float32 of the same network, within PARITY_TOLERANCE per image."""
+    PARITY_TOLERANCE = 0.05
+    f = Classifier(exported / "efficientnet_lite0_float32.tflite")
+    q = Classifier(exported / "efficientnet_lite0_int8.tflite")
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        x = rng.integers(0, 256, (32, 32, 3)).astype(np.float32)
+        assert abs(f.predict_array(x)[0] - q.predict_array(x)[0]) < PARITY_TOLERANCE
+
+
+def test_convert_requires_trained_run(tmp_path, capsys):
+    from quantize.__main__ import main
+    assert main(["convert", "--run", str(tmp_path)]) == 2
+    assert "train first" in capsys.readouterr().err

@@ -1,0 +1,58 @@
+"""The shipped models: sidecar integrity, and regression of the default on real test images."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from edge import Classifier, sha256_of
+from edge.runner import DEFAULT_MODEL, MODELS_DIR
+
+from .conftest import REPO, SHARED_DATA, shared_data_available
+
+SAMPLE = REPO / "tests" / "fixtures" / "regression_sample.csv"
+AUC_MARGIN = 0.04  # the sample's AUC may sit this far below the model card's full-test AUC
+PARITY_TOLERANCE = 0.08  # max |P(int8) - P(float32 .tflite)| per image on the fixed sample
+SHIPPED = sorted(MODELS_DIR.glob("*.tflite"))
+
+
+def test_default_model_is_shipped():
+    assert DEFAULT_MODEL in SHIPPED
+
+
+@pytest.mark.parametrize("model", SHIPPED, ids=lambda p: p.name)
+def test_sidecar_sha256_matches_file(model):
+    meta = json.loads(model.with_suffix(".json").read_text())
+    assert meta["sha256"] == sha256_of(model)
+    assert meta["file"] == model.name and meta["size_bytes"] == model.stat().st_size
+    assert meta["metrics"]["test"]["all"]["roc_auc"] is not None
+    assert "not a diagnosis" in meta["disclaimer"]
+
+
+def load_sample() -> pd.DataFrame:
+    s = pd.read_csv(SAMPLE, dtype={"image": str})
+    s["path"] = [str(SHARED_DATA / d / "train" / f"{i}.jpg") for d, i in zip(s["dataset"], s["image"])]
+    return s
+
+
+@pytest.mark.skipif(not shared_data_available(), reason="../shared/data not present")
+def test_default_model_auc_on_fixed_test_sample():
+    from train.metrics import roc_auc
+    meta = json.loads(DEFAULT_MODEL.with_suffix(".json").read_text())
+    card_auc = meta["metrics"]["test"]["all"]["roc_auc"]
+    s = load_sample()
+    clf = Classifier(DEFAULT_MODEL, num_threads=2)
+    p = np.array([clf.classify(path).probability for path in s["path"]])
+    auc = roc_auc(s["target"].to_numpy(), p)
+    assert auc >= card_auc - AUC_MARGIN, f"sample AUC {auc:.4f} < card {card_auc:.4f} - {AUC_MARGIN}"
+
+
+@pytest.mark.skipif(not shared_data_available(), reason="../shared/data not present")
+def test_int8_parity_with_float_on_fixed_sample():
+    float_model = MODELS_DIR / "efficientnet_lite0_float32.tflite"
+    if not float_model.exists():
+        pytest.skip("float32 sibling not shipped")
+    s = load_sample().head(48)
+    q, f = Classifier(DEFAULT_MODEL), Classifier(float_model)
+    diffs = [abs(q.classify(p).probability - f.classify(p).probability) for p in s["path"]]
+    assert max(diffs) < PARITY_TOLERANCE, f"max |dP| {max(diffs):.3f}"
