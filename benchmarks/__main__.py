@@ -3,6 +3,7 @@
     python -m benchmarks all            # latency (with baselines) then the tradeoff table + plot
     python -m benchmarks latency [--model models/x.tflite ...] [--runs 200] [--threads 1 2]
     python -m benchmarks tradeoff       # reads the sidecars and reports/latency.json
+    python -m benchmarks arm64          # the runner on arm64 (Debian bookworm under qemu) vs x86
 
 Scripts, not timed tests: warm-up runs are dropped, each model runs in a fresh process, and
 the machine (CPU, cores, backend) is written into every report.
@@ -238,6 +239,9 @@ def tradeoff_plot(rep: dict, path: Path) -> None:
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    if argv[:1] == ["arm64"]:  # the arm64 emulation check (issue #8), its own flags
+        from .arm64 import main as arm64_main
+        return arm64_main(argv[1:])
     if argv[:1] == ["_child"]:  # internal: one measurement in a fresh process
         kind, kw = argv[1], json.loads(argv[2])
         fn = {"tflite": lambda: bench_tflite(Path(kw["path"]), kw["threads"], kw["runs"], kw["warmup"]),

@@ -3,6 +3,7 @@
     python -m quantize prune   --run runs/efficientnet_lite0            # pruned Keras model + report
     python -m quantize convert --run runs/efficientnet_lite0 --out models --variants int8 float16 ...
     python -m quantize all     --run runs/efficientnet_lite0 --out models  # prune, then every variant
+    python -m quantize card                                                 # MODEL_CARD.md from the sidecars
 
 Each .tflite gets a JSON sidecar with its threshold (chosen on validation with this very file)
 and its test metrics computed through the edge runner.
@@ -125,6 +126,10 @@ def load_context(run_dir: Path) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["card"]:
+        from .card import main as card_main
+        return card_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m quantize", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     cmds = {c: sub.add_parser(c) for c in ("prune", "convert", "all")}
