@@ -122,15 +122,19 @@ def run_latency(models: list[Path], threads: list[int], runs: int, warmup: int, 
             report["cold_start"] = cold_starts(default, image, "efficientnet_lite0", 224)
             log(f"cold start: edge CLI {report['cold_start']['edge_cli_seconds']:.2f} s, "
                 f"TF+Keras {report['cold_start']['keras_tensorflow_seconds']:.2f} s")
-    peak = report["peak"]["fp32_peak_gflops"]
     for entry in report["models"] + [b for b in report["baselines"] if "model" in b and "latency_ms_p50" in b]:
         n = macs.get(entry["model"])
         if n:
             entry["macs"] = n
+            integer = "int8" in entry.get("variant", "")
+            peak = report["peak"]["int8_peak_gops" if integer else "fp32_peak_gflops"]
             rows = entry["by_threads"].values() if "by_threads" in entry else [entry]
             for r in rows:
+                # the peak is for the whole machine; scale by the threads actually used
+                used = peak * min(r["num_threads"], report["machine"]["cores"]) / report["machine"]["cores"]
                 r["achieved_gflops"] = 2 * n / (r["latency_ms_p50"] / 1000) / 1e9
-                r["fraction_of_fp32_peak"] = r["achieved_gflops"] / peak
+                r["fraction_of_peak"] = r["achieved_gflops"] / used
+                r["peak_used"] = "int8" if integer else "fp32"
     return report
 
 
@@ -139,7 +143,9 @@ def latency_markdown(report: dict) -> str:
     lines = [f"# Latency report", "", f"Machine: {m['cpu']}, {m['cores']} cores, {m['arch']}, SIMD {', '.join(m['simd'])}; "
              f"backend {m['backend']}; Python {m['python']}. Generated {report['generated']}.", "",
              f"{report['runs']} timed runs after {report['warmup_runs']} warm-up runs, batch 1, one process per measurement. "
-             f"Peak fp32 estimate {report['peak']['fp32_peak_gflops']:.0f} GFLOP/s ({report['peak']['derivation']}).", "",
+             f"Peak estimate: fp32 {report['peak']['fp32_peak_gflops']:.0f} GFLOP/s, int8 {report['peak']['int8_peak_gops']:.0f} GOP/s "
+             f"for all cores ({report['peak']['derivation']}). '% of peak' compares with the peak of the threads used, "
+             "int8 variants with the int8 peak. GFLOP/s = 2 x multiply-accumulates / median latency.", "",
              "| file | threads | size MB | gzip MB | init ms | first ms | p50 ms | p90 ms | p99 ms | peak RSS MB | GFLOP/s | % of peak |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in report["models"]:
@@ -147,7 +153,7 @@ def latency_markdown(report: dict) -> str:
             lines.append(f"| {e['file']} | {t} | {e['model_size_bytes'] / 1e6:.2f} | {e['model_gzip_bytes'] / 1e6:.2f} | "
                          f"{r['init_ms']:.0f} | {r['first_inference_ms']:.1f} | {r['latency_ms_p50']:.2f} | "
                          f"{r['latency_ms_p90']:.2f} | {r['latency_ms_p99']:.2f} | {r['peak_memory_mb']:.0f} | "
-                         f"{r.get('achieved_gflops', 0):.1f} | {100 * r.get('fraction_of_fp32_peak', 0):.1f} |")
+                         f"{r.get('achieved_gflops', 0):.1f} | {100 * r.get('fraction_of_peak', 0):.1f} |")
     if report["baselines"]:
         lines += ["", "## Baselines (same run)", "", "| baseline | threads | init ms | first ms | p50 ms | p90 ms | p99 ms | peak RSS MB |",
                   "|---|---|---|---|---|---|---|---|"]

@@ -130,3 +130,15 @@ def test_shared_data_reads_and_splits():
     per_group = pd.DataFrame({"g": ds.rows["group"], "s": split}).groupby("g")["s"].nunique()
     assert per_group.max() == 1
     assert set(ds.rows["source"]) == {"HAM10000", "ISIC2018_test", "ISIC2017_train", "ISIC2017_val"}
+
+
+def test_data_cli_reports_and_exits(isic_csv_dir, tmp_path, capsys):
+    assert D.main([str(isic_csv_dir), "--val", "0.2", "--test", "0.2"]) == 0
+    assert "0 bad rows" in capsys.readouterr().out
+    (isic_csv_dir / "train" / "ISIC_0000003.jpg").write_bytes(b"broken")
+    assert D.main([str(isic_csv_dir), "--val", "0.2", "--test", "0.2", "--cache", str(tmp_path / "c"), "--size", "16",
+                   "--problems", str(tmp_path / "p.csv")]) == 1
+    out = capsys.readouterr().out
+    assert "skipping 1 bad rows" in out and "ISIC_0000003" in out
+    assert "ISIC_0000003" in (tmp_path / "p.csv").read_text()
+    assert D.main([str(tmp_path / "absent")]) == 2

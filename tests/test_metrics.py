@@ -48,3 +48,17 @@ def test_per_source_breakdown():
     p = np.array([0.9, 0.1, 0.4, 0.6])
     out = M.metrics_by_source(y, p, np.array(["a", "a", "b", "b"]), 0.5, bootstrap=0)
     assert out["a"]["roc_auc"] == 1.0 and out["b"]["roc_auc"] == 0.0 and out["all"]["n"] == 4
+
+
+def test_auc_matches_mann_whitney_and_sklearn():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 120)
+    p = np.round(rng.uniform(0, 1, 120) + 0.2 * y, 2)  # rounded: ties count one half
+    pos, neg = p[y == 1], p[y == 0]
+    u = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
+    assert M.roc_auc(y, p) == pytest.approx(u / (len(pos) * len(neg)))
+    m = M.binary_metrics(y, p, 0.5, bootstrap=0)
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(y, p))
+    assert m["pr_auc"] == pytest.approx(average_precision_score(y, p))
+    assert M.roc_auc(np.zeros(5), np.arange(5)) is None  # one class: undefined, not a crash

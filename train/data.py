@@ -335,3 +335,41 @@ def build_pixel_cache(rows: pd.DataFrame, spec: PreprocessSpec, cache_dir: Path,
     os.replace(tmp, arr_path)
     meta_path.write_text(json.dumps({"n": len(paths), "spec": spec.to_dict(), "problems": bad}))
     return np.load(arr_path, mmap_mode="r"), pd.DataFrame(bad, columns=PROBLEM_COLUMNS)
+
+
+# --------------------------------------------------------------------------- CLI
+def main(argv=None) -> int:
+    """`python -m train.data DIR... [--cache]`: report bad rows and the split, optionally cache pixels."""
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(prog="python -m train.data", description=(
+        "Check dataset folders: bad rows (missing, unlabelled, duplicate, unreadable) and the grouped split."))
+    ap.add_argument("data", nargs="+", help="dataset folders (isic_csv, isic_archive or class_folders)")
+    ap.add_argument("--layout", choices=sorted(READERS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--val", type=float, default=0.1)
+    ap.add_argument("--test", type=float, default=0.1)
+    ap.add_argument("--cache", type=Path, help="also decode every image into this pixel cache (finds unreadable files)")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--problems", type=Path, help="write the bad-row table as CSV here")
+    args = ap.parse_args(argv)
+    try:
+        ds = load_sources(args.data, args.layout)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    problems = ds.problems
+    if args.cache:
+        _, bad = build_pixel_cache(ds.rows, PreprocessSpec(size=(args.size, args.size)), args.cache)
+        problems = pd.concat([problems, bad], ignore_index=True)
+    apply_policy(Dataset(ds.rows, problems, ds.provenance), "skip", log=print)
+    rows = ds.rows[~ds.rows["image"].isin(set(problems["image"]))]
+    rows = rows.assign(split=make_splits(rows, args.val, args.test, args.seed))
+    print(split_summary(rows).to_string(index=False))
+    if args.problems:
+        problems.to_csv(args.problems, index=False)
+    return 1 if len(problems) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
