@@ -14,6 +14,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from edge import DISCLAIMER, write_sidecar
+from edge.sidecar import sidecar_path
 from edge.preprocess import PreprocessSpec
 from train.backbones import REGISTRY
 from train.evaluate import choose_threshold, full_report, predict_keras, predict_tflite
@@ -86,7 +87,13 @@ def export(model_bytes: bytes, out_path: Path, *, backbone: str, variant: str, q
     write_sidecar(out_path, provisional)  # lets the edge runner load the file for evaluation
     keep = rows.index[rows["split"].isin(["val", "test"])].to_numpy()
     t0 = time.time()
-    probs = predict_tflite(out_path, pixels, keep, threads)
+    try:
+        probs = predict_tflite(out_path, pixels, keep, threads)
+    except BaseException:
+        # never leave a model behind with a provisional (unvalidated) threshold
+        out_path.unlink(missing_ok=True)
+        sidecar_path(out_path).unlink(missing_ok=True)
+        raise
     preds = rows.loc[keep, ["image", "source", "split", "target"]].assign(probability=probs)
     threshold = choose_threshold(preds, cfg["target_sensitivity"])
     report = full_report(preds, threshold["threshold"], cfg["bootstrap"], cfg["seed"])

@@ -26,6 +26,7 @@ class TrainConfig:
     image_size: int = 224
     resize: str = "squash"  # edge.preprocess policy
     dropout: float = 0.3
+    init_from: str | None = None  # a run folder: start from its model.h5, skip phase 1 (same split enforced)
     # phase 1: head on cached frozen-backbone features
     head_epochs: int = 30
     head_lr: float = 1e-3

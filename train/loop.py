@@ -254,6 +254,22 @@ def fine_tune(cfg: TrainConfig, model: keras.Model, info, pixels, y, train_idx, 
     return {"best_val_auc": best, "epochs_run": int(ckpt.epoch)}
 
 
+def init_from_run(prev: Path, model: keras.Model, rows: pd.DataFrame, log) -> dict:
+    """Start from another run's model (e.g. top blocks first, then every block). Its split must
+    be this run's split, or its training images could sit in this run's test set."""
+    before = pd.read_csv(prev / "splits.csv", dtype={"image": str}).set_index("image")["split"]
+    now = rows.set_index("image")["split"]
+    if not (before.reindex(now.index).astype(str).to_numpy() == now.astype(str).to_numpy()).all():
+        raise ValueError(f"--init-from {prev}: its split differs from this run's (same data, seed and fractions needed)")
+    model.load_weights(str(prev / "model.h5"))
+    prev_metrics = json.loads((prev / "metrics.json").read_text())
+    log(f"initialised from {prev / 'model.h5'} (its test AUC {prev_metrics['test']['all']['roc_auc']:.4f})")
+    return {"run": str(prev), "config": json.loads((prev / "config.json").read_text()),
+            "test_auc": prev_metrics["test"]["all"]["roc_auc"], "val_auc": prev_metrics["val"]["all"]["roc_auc"],
+            "head_only_test_auc": prev_metrics.get("head_only_test_auc"),
+            "wall_time_minutes": prev_metrics.get("wall_time_minutes")}
+
+
 # --------------------------------------------------------------------------- the run
 def save_history_plot(run_dir: Path) -> None:
     import matplotlib
@@ -304,12 +320,16 @@ def run(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     with strategy.scope():
         model, info = build_classifier(cfg.backbone, cfg.image_size, cfg.dropout, cfg.weights)
     freeze_backbone(model)
-    phase1 = None
-    if not (resume and (run_dir / "checkpoints").exists()):
+    phase1, init = None, None
+    if cfg.init_from:
+        init = init_from_run(Path(cfg.init_from), model, rows, log)
+        head_only_test = init["head_only_test_auc"]
+    elif not (resume and (run_dir / "checkpoints").exists()):
         phase1 = train_head(cfg, model, pixels, y, pos["train"], pos["val"], log)
         append_history(run_dir / "history.csv", {"phase": 1, "epoch": phase1["epochs"], "val_auc": phase1["val_auc"]})
         model.save_weights(str(run_dir / "best.weights.h5"))
-    head_only_test = roc_auc(y[pos["test"]], predict_keras(model, pixels, pos["test"]))
+    if not cfg.init_from:
+        head_only_test = roc_auc(y[pos["test"]], predict_keras(model, pixels, pos["test"]))
     phase2 = {}
     if cfg.top_blocks > 0 and cfg.epochs > 0:
         phase2 = fine_tune(cfg, model, info, pixels, y, pos["train"], pos["val"], run_dir, strategy, resume, log)
@@ -322,7 +342,7 @@ def run(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     threshold = choose_threshold(preds, cfg.target_sensitivity)
     report = full_report(preds, threshold["threshold"], cfg.bootstrap, cfg.seed)
     metrics = {"model": f"{cfg.backbone} (Keras float32)", **report, "threshold": threshold,
-               "head_only_test_auc": head_only_test, "phase1": phase1, "phase2": phase2,
+               "head_only_test_auc": head_only_test, "phase1": phase1, "phase2": phase2, "init_from": init,
                "wall_time_minutes": round((time.time() - t_total) / 60, 1),
                "input_scaling": info.input_scaling, "provenance": provenance,
                "problems": int(len(problems))}
