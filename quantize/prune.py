@@ -39,9 +39,10 @@ def apply_pruning(model: keras.Model, backbone: str, first_block: int, sparsity:
                                                     frequency=max(1, min(50, (end_step - begin_step) // 10)))
 
     def clone_fn(layer):
+        fresh = layer.__class__.from_config(layer.get_config())  # never wrap the original: it would share weights
         if prunable(layer, backbone, first_block):
-            return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule)
-        return layer.__class__.from_config(layer.get_config())
+            return tfmot.sparsity.keras.prune_low_magnitude(fresh, pruning_schedule=schedule)
+        return fresh
 
     pruned = keras.models.clone_model(model, clone_function=clone_fn)
     for src, dst in zip(model.layers, pruned.layers):  # clone_model does not copy weights

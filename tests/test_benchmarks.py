@@ -51,3 +51,17 @@ def test_mac_count_of_a_known_layer_stack():
     x = keras.layers.GlobalAveragePooling2D()(x)
     out = keras.layers.Dense(2)(x)  # 8
     assert count_macs(keras.Model(inp, out)) == 6912 + 2304 + 8
+
+
+def test_arm64_requirements_and_comparison(tmp_path):
+    """The arm64 check's pure parts: markers evaluated for Pi OS, and the one-step tolerance."""
+    from benchmarks.arm64 import compare, requirements_for_target
+    req = tmp_path / "r.txt"
+    req.write_text("numpy==2.4.6\nfoo==2.0; platform_machine != 'aarch64'\nfoo==1.0; platform_machine == 'aarch64'  # pi\n")
+    assert requirements_for_target(req) == ["numpy==2.4.6", "foo==1.0"]
+    x86 = {"a.jpg": {"probability": 0.5, "label": "melanoma"}, "b.jpg": {"probability": 0.1, "label": "not melanoma"}}
+    same = {"a.jpg": {"probability": 0.5039, "label": "melanoma"}, "b.jpg": {"probability": 0.1, "label": "not melanoma"}}
+    assert compare(x86, same, 1 / 255)["pass"]
+    off = {**same, "b.jpg": {"probability": 0.2, "label": "not melanoma"}}
+    assert not compare(x86, off, 1 / 255)["pass"]
+    assert not compare(x86, {"a.jpg": same["a.jpg"]}, 1 / 255)["pass"]  # a missing image fails

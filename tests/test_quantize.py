@@ -63,3 +63,16 @@ def test_convert_requires_trained_run(tmp_path, capsys):
     from quantize.__main__ import main
     assert main(["convert", "--run", str(tmp_path)]) == 2
     assert "train first" in capsys.readouterr().err
+
+
+def test_pruning_leaves_the_source_model_dense(tiny_run):
+    """Pruning works on a clone: the float model the other variants come from keeps its weights."""
+    import numpy as np
+    from quantize.prune import apply_pruning, fine_tune_pruned
+    from train.loop import load_keras_model
+    model = load_keras_model(tiny_run / "model.h5")
+    before = [w.copy() for w in model.get_weights()]
+    pruned = apply_pruning(model, "efficientnet_lite0", 14, 0.5, 0, 2)
+    x = np.random.default_rng(0).uniform(0, 255, (16, 32, 32, 3)).astype(np.float32)
+    fine_tune_pruned(pruned, x, np.r_[np.ones(4), np.zeros(12)].astype(np.float32), np.arange(16), 2, 1e-3, 8, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))

@@ -101,3 +101,17 @@ def test_augmentation_keeps_shape_and_range():
     a, b = augment(x, g).numpy(), augment(x, g).numpy()
     assert a.shape == (4, 32, 32, 3) and a.min() >= 0 and a.max() <= 255
     assert not np.allclose(a, b)  # random each call
+
+
+def test_init_from_previous_run(tiny_run, tmp_path):
+    """Continue from a run's model (e.g. all blocks after the top ones); a different split is refused."""
+    from train.loop import run
+    cfg = TrainConfig.from_json(tiny_run / "config.json")
+    follow = TrainConfig.from_dict({**cfg.to_dict(), "init_from": str(tiny_run), "top_blocks": 16, "epochs": 1,
+                                    "out": str(tmp_path / "all")})
+    m = run(follow, log=lambda s: None)
+    assert m["init_from"]["run"] == str(tiny_run) and m["phase1"] is None
+    assert list(pd.read_csv(tmp_path / "all" / "history.csv")["phase"]) == [2]
+    other = TrainConfig.from_dict({**follow.to_dict(), "seed": 1, "out": str(tmp_path / "bad")})
+    with pytest.raises(ValueError, match="split differs"):
+        run(other, log=lambda s: None)
