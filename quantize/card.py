@@ -41,6 +41,18 @@ def variants_table(metas: list[dict]) -> list[str]:
     return lines
 
 
+def lineage_lines(lineage: dict | None) -> list[str]:
+    """The earlier run this model was initialised from (`--init-from`), if any."""
+    if not lineage:
+        return []
+    c = lineage["config"]
+    return [f"- Initialised from an earlier run (`{Path(lineage['run']).name}`): the same split and data, phase 1 "
+            f"(head, up to {c['head_epochs']} epochs) then the top {c['top_blocks']} blocks for up to {c['epochs']} "
+            f"epochs at Adam peak {c['lr']} (warm-up {c['warmup_epochs']} epoch + cosine, EMA {c['ema_decay']}); "
+            f"that run alone: validation AUC {_f(lineage['val_auc'])}, test AUC {_f(lineage['test_auc'])}, "
+            f"{lineage['wall_time_minutes']} min. The lines above are the second stage (all blocks)."]
+
+
 def render(models_dir: Path) -> str:
     metas = [json.loads(p.read_text()) for p in sorted(models_dir.glob("*.json"))]
     d = next(m for m in metas if m["file"] == DEFAULT)
@@ -85,6 +97,7 @@ def render(models_dir: Path) -> str:
             f"{cfg['class_weighting']} class weights, augmentation {'on' if cfg['augment'] else 'off'} "
             "(flips, 90° rotations, random resized crops 70-100 %, brightness/contrast/hue jitter), seed "
             f"{cfg['seed']}.",
+            *lineage_lines(d.get("training_lineage")),
             f"- Shipped default `{DEFAULT}`: {d['quantization'].get('method')}; {d['quantization'].get('description')}; "
             f"{d['quantization'].get('calibration_images')} calibration images from the training split.", "",
             "## Decision threshold", "",

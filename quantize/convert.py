@@ -110,7 +110,7 @@ def export(model_bytes: bytes, out_path: Path, *, backbone: str, variant: str, q
                                 f"{cfg['seed']}, val {cfg['val_fraction']}, test {cfg['test_fraction']}",
                        "split_counts": rows["split"].value_counts().to_dict(),
                        "converted_with": {"tensorflow": tf.__version__, "python": platform.python_version()}},
-        "config": cfg, **(extra or {}), "disclaimer": DISCLAIMER,
+        "config": cfg, "training_lineage": run_metrics.get("init_from"), **(extra or {}), "disclaimer": DISCLAIMER,
     }
     write_sidecar(out_path, meta)
     return meta
