@@ -211,7 +211,7 @@ def tradeoff_markdown(rep: dict) -> str:
              f"Generated {rep['generated']}. Latency: median per image at {rep['threads']} threads. {rep['split']}.", "",
              "| file | ROC AUC (95% CI) | sensitivity | specificity | threshold | size MB | p50 ms | p90 ms | Pareto |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in rep["rows"]:
+    for i, r in enumerate(rep["rows"]):
         lo, hi = r["roc_auc_ci95"]
         lines.append(f"| {r['file']} | {r['roc_auc']:.3f} ({lo:.3f}-{hi:.3f}) | {r['sensitivity']:.3f} | {r['specificity']:.3f} | "
                      f"{r['threshold']:.3f} | {r['size_bytes'] / 1e6:.2f} | {r['latency_ms_p50']:.2f} | {r['latency_ms_p90']:.2f} | "
@@ -224,12 +224,12 @@ def tradeoff_plot(rep: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for r in rep["rows"]:
+    for i, r in enumerate(rep["rows"]):
         lo, hi = r["roc_auc_ci95"]
         ax.errorbar(r["latency_ms_p50"], r["roc_auc"], yerr=[[r["roc_auc"] - lo], [hi - r["roc_auc"]]],
                     fmt="o" if r["pareto"] else "s", color="C0" if r["pareto"] else "C7", capsize=3)
         ax.annotate(r["file"].replace(".tflite", ""), (r["latency_ms_p50"], r["roc_auc"]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
+                    xytext=(4, 4 - 12 * (i % 2)), textcoords="offset points")  # alternate: neighbours overlap
     front = sorted((r["latency_ms_p50"], r["roc_auc"]) for r in rep["rows"] if r["pareto"])
     if front:
         ax.plot(*zip(*front), "C0--", lw=1, label="Pareto front")

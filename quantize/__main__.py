@@ -20,7 +20,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 QAT_REJECTED = ("post-training int8 (--int8-method ptq). QAT (tfmot quantize_apply on every layer but Rescaling, "
                 "2,048-image fine-tune) was tried on efficientnet_lite0 and its int8 file scored test AUC 0.739 vs "
-                "0.895 float: rejected until fixed")
+                "0.895 float: rejected until fixed. Likely cause: tfmot's moving-average activation ranges "
+                "(decay 0.999, initialised to +-6) barely move in 64 steps, so Add outputs are clipped; a longer QAT "
+                "run or range calibration before QAT is the fix to try")
 
 
 def log(msg: str) -> None:

@@ -99,7 +99,9 @@ def render(models_dir: Path) -> str:
             f"{cfg['seed']}.",
             *lineage_lines(d.get("training_lineage")),
             f"- Shipped default `{DEFAULT}`: {d['quantization'].get('method')}; {d['quantization'].get('description')}; "
-            f"{d['quantization'].get('calibration_images')} calibration images from the training split.", "",
+            f"{d['quantization'].get('calibration_images')} calibration images from the training split.",
+            *([f"- Why not quantization-aware training: {d['quantization']['why_not_qat']}."]
+              if d["quantization"].get("why_not_qat") else []), "",
             "## Decision threshold", "",
             f"{_f(d['threshold'], 4)}, chosen on the validation split (n={pol['val_n']}) as the highest threshold reaching "
             f"{pol['target_sensitivity']:.0%} sensitivity, with this very .tflite file: validation sensitivity "
