@@ -140,7 +140,7 @@ def run_latency(models: list[Path], threads: list[int], runs: int, warmup: int, 
 
 def latency_markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [f"# Latency report", "", f"Machine: {m['cpu']}, {m['cores']} cores, {m['arch']}, SIMD {', '.join(m['simd'])}; "
+    lines = ["# Latency report", "", f"Machine: {m['cpu']}, {m['cores']} cores, {m['arch']}, SIMD {', '.join(m['simd'])}; "
              f"backend {m['backend']}; Python {m['python']}. Generated {report['generated']}.", "",
              f"{report['runs']} timed runs after {report['warmup_runs']} warm-up runs, batch 1, one process per measurement. "
              f"Peak estimate: fp32 {report['peak']['fp32_peak_gflops']:.0f} GFLOP/s, int8 {report['peak']['int8_peak_gops']:.0f} GOP/s "
@@ -211,7 +211,7 @@ def tradeoff_markdown(rep: dict) -> str:
              f"Generated {rep['generated']}. Latency: median per image at {rep['threads']} threads. {rep['split']}.", "",
              "| file | ROC AUC (95% CI) | sensitivity | specificity | threshold | size MB | p50 ms | p90 ms | Pareto |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for i, r in enumerate(rep["rows"]):
+    for r in rep["rows"]:
         lo, hi = r["roc_auc_ci95"]
         lines.append(f"| {r['file']} | {r['roc_auc']:.3f} ({lo:.3f}-{hi:.3f}) | {r['sensitivity']:.3f} | {r['specificity']:.3f} | "
                      f"{r['threshold']:.3f} | {r['size_bytes'] / 1e6:.2f} | {r['latency_ms_p50']:.2f} | {r['latency_ms_p90']:.2f} | "

@@ -109,7 +109,7 @@ def render(models_dir: Path) -> str:
             f"## Test metrics of the shipped default ({DEFAULT}, through the edge runner)", ""]
     out += metrics_table(test)
     out += ["", f"Confusion matrix at the threshold (all test sources): TP {cm['tp']}, FN {cm['fn']}, TN {cm['tn']}, FP {cm['fp']}.",
-            "", f"Validation split, same file:", ""] + metrics_table(val)
+            "", "Validation split, same file:", ""] + metrics_table(val)
     out += ["", "## Calibration", "",
             f"Expected calibration error on the test split: {_f(test['all']['calibration']['ece'])} (10 equal-width bins). "
             "The class-balanced loss pushes probabilities upward: read the output as a ranking score with a validated "

@@ -7,7 +7,6 @@ import pytest
 from train.config import TrainConfig
 from train.model import strategy_name
 
-from .conftest import tiny_train_config
 
 
 def test_tiny_run_writes_everything(tiny_run):
