@@ -1,6 +1,7 @@
 """The on-device classifier: one .tflite + its sidecar, no TensorFlow required."""
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ def load_interpreter_class():
     except ImportError:
         pass
     try:
-        import tensorflow as tf  # last resort: heavy, but present on training machines
+        # Last resort, loaded only when neither runtime above exists (training machines have TF);
+        # never imported on a device that has ai_edge_litert or tflite_runtime.
+        tf = importlib.import_module("tensorflow")
         return tf.lite.Interpreter, "tensorflow.lite"
     except ImportError:
         raise ImportError("no TFLite interpreter found: pip install -r requirements-edge.txt "

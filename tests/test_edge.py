@@ -127,3 +127,31 @@ def test_edge_runs_a_prediction_without_tensorflow(tiny_models, images_dir):
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[0])["label"] in ("melanoma", "not melanoma")
+
+
+def test_interpreter_fallback_order(monkeypatch):
+    """ai_edge_litert first, then tflite_runtime, then tf.lite."""
+    import builtins
+    import importlib
+    import types
+    from edge.runner import load_interpreter_class
+    real_import = builtins.__import__
+    fake_tflite = types.ModuleType("tflite_runtime.interpreter")
+    fake_tflite.Interpreter = object
+
+    def blocked(name, *a, **k):
+        if name.startswith("ai_edge_litert"):
+            raise ImportError(name)
+        if name.startswith("tflite_runtime"):
+            return types.SimpleNamespace(interpreter=fake_tflite) if not a or not a[2] else fake_tflite
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", blocked)
+    assert load_interpreter_class()[1] == "tflite_runtime"
+
+    def none_but_tf(name, *a, **k):
+        if name.startswith(("ai_edge_litert", "tflite_runtime")):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", none_but_tf)
+    monkeypatch.setattr(importlib, "import_module", lambda n: types.SimpleNamespace(lite=types.SimpleNamespace(Interpreter=int)))
+    assert load_interpreter_class() == (int, "tensorflow.lite")
