@@ -89,10 +89,6 @@ class Classifier:
     def input_details(self) -> dict:
         return self._input
 
-    @property
-    def output_details(self) -> dict:
-        return self._output
-
     def _prepare(self, x: np.ndarray) -> np.ndarray:
         dtype = self._input["dtype"]
         if np.issubdtype(dtype, np.integer):

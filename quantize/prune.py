@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from train import tfenv  # noqa: F401
-import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
@@ -96,10 +95,6 @@ def keras_gzip_size(model: keras.Model) -> int:
         path = Path(d) / "w.h5"
         model.save_weights(str(path))
         return gzip_size(path.read_bytes())
-
-
-def tflite_bytes(model: keras.Model) -> bytes:
-    return tf.lite.TFLiteConverter.from_keras_model(model).convert()
 
 
 __all__ = ["apply_pruning", "fine_tune_pruned", "strip", "sparsity_report", "gzip_size", "keras_gzip_size"]
