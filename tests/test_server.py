@@ -209,6 +209,8 @@ def test_browser_upload_flow(live_server, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -223,7 +225,9 @@ def test_browser_upload_flow(live_server, tmp_path):
         assert "not a diagnosis" in driver.find_element(By.CSS_SELECTOR, ".disclaimer").text
         driver.find_element(By.ID, "image").send_keys(str(image))
         driver.find_element(By.ID, "submit").click()
-        prob = driver.find_element(By.ID, "probability").text
+        # the click does not wait for the result page: wait for it explicitly (no race)
+        prob = WebDriverWait(driver, 30).until(
+            expected_conditions.presence_of_element_located((By.ID, "probability"))).text
         assert prob.endswith("%") and 0 <= float(prob[:-1]) <= 100
         assert driver.find_element(By.ID, "decision").text.startswith(("Flagged", "Not flagged"))
         # phone width: the page does not scroll sideways
