@@ -12,7 +12,7 @@ import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
 from train.backbones import block_index
-from train.loop import class_weights
+from train.loop import class_weights, weighted_batches
 from train.model import backbone_layers
 
 PRUNABLE = (keras.layers.Conv2D, keras.layers.Dense)  # DepthwiseConv2D is a Conv2D subclass: excluded below
@@ -55,19 +55,11 @@ def apply_pruning(model: keras.Model, backbone: str, first_block: int, sparsity:
 
 def fine_tune_pruned(pruned: keras.Model, pixels, y: np.ndarray, train_idx: np.ndarray, epochs: int,
                      lr: float, batch: int, seed: int, weighting: str = "balanced") -> None:
-    w0, w1 = class_weights(y[train_idx], weighting)
-    rng = np.random.default_rng(seed)
-
-    def batches():
-        for _ in range(epochs):
-            order = rng.permutation(train_idx)
-            for s in range(0, len(order) - batch + 1, batch):
-                b = np.sort(order[s:s + batch])
-                yield np.asarray(pixels[b], np.float32), y[b], np.where(y[b] > 0.5, w1, w0).astype(np.float32)
-
+    batches = weighted_batches(pixels, y, train_idx, batch, np.random.default_rng(seed),
+                               class_weights(y[train_idx], weighting), epochs=epochs)
     steps = (len(train_idx) // batch) * epochs
     pruned.compile(keras.optimizers.Adam(lr), "binary_crossentropy")
-    pruned.fit(batches(), steps_per_epoch=steps, epochs=1, verbose=2,
+    pruned.fit(batches, steps_per_epoch=steps, epochs=1, verbose=2,
                callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
 
 

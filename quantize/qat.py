@@ -13,7 +13,7 @@ from train import tfenv  # noqa: F401
 import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
-from train.loop import class_weights
+from train.loop import class_weights, weighted_batches
 
 SKIP = (keras.layers.Rescaling, keras.layers.InputLayer)
 
@@ -37,13 +37,7 @@ def quantize_aware(model: keras.Model, pixels, y: np.ndarray, train_idx: np.ndar
         q = tfmot.quantization.keras.quantize_apply(annotate(model))
     rng = np.random.default_rng(seed)
     pick = rng.permutation(train_idx)[:images]
-    w0, w1 = class_weights(y[train_idx], weighting)
-
-    def batches():
-        for s in range(0, len(pick) - batch + 1, batch):
-            b = np.sort(pick[s:s + batch])
-            yield np.asarray(pixels[b], np.float32), y[b], np.where(y[b] > 0.5, w1, w0).astype(np.float32)
-
+    batches = weighted_batches(pixels, y, pick, batch, rng, class_weights(y[train_idx], weighting), shuffle=False)
     q.compile(keras.optimizers.Adam(lr), "binary_crossentropy")
-    q.fit(batches(), steps_per_epoch=len(pick) // batch, epochs=1, verbose=2)
+    q.fit(batches, steps_per_epoch=len(pick) // batch, epochs=1, verbose=2)
     return q

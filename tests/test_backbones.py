@@ -3,17 +3,9 @@ import numpy as np
 import pytest
 
 from .conftest import REPO, SHARED_WEIGHTS
+from .fixtures.make_lite0_reference import reference_pixels
 
 LITE0_TOLERANCE = 1e-3  # max |logit difference| vs the PyTorch reference (float32 rounding only)
-
-
-def reference_pixels():
-    """Must match tests/fixtures/make_lite0_reference.py."""
-    rng = np.random.RandomState(0)
-    noise = rng.randint(0, 256, (224, 224, 3))
-    yy, xx = np.mgrid[0:224, 0:224]
-    grad = np.stack([xx, yy, (xx + yy) // 2], -1) * 255 // 446
-    return np.stack([noise, grad]).astype(np.float32)
 
 
 def test_lite0_port_matches_pytorch_reference():

@@ -108,6 +108,17 @@ def batches(idx: np.ndarray, size: int, rng: np.random.Generator, shuffle: bool)
         yield order[s:s + size]
 
 
+def weighted_batches(pixels, y: np.ndarray, idx: np.ndarray, batch: int, rng: np.random.Generator,
+                     weights: tuple[float, float], epochs: int = 1, shuffle: bool = True):
+    """Full batches of (float32 pixels, labels, per-image class weights) for Keras `fit`."""
+    w0, w1 = weights
+    for _ in range(epochs):
+        order = rng.permutation(idx) if shuffle else idx
+        for s in range(0, len(order) - batch + 1, batch):
+            b = np.sort(order[s:s + batch])
+            yield np.asarray(pixels[b], np.float32), y[b], np.where(y[b] > 0.5, w1, w0).astype(np.float32)
+
+
 def append_history(path: Path, row: dict) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as f:
@@ -324,11 +335,11 @@ def run(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     if cfg.init_from:
         init = init_from_run(Path(cfg.init_from), model, rows, log)
         head_only_test = init["head_only_test_auc"]
-    elif not (resume and (run_dir / "checkpoints").exists()):
-        phase1 = train_head(cfg, model, pixels, y, pos["train"], pos["val"], log)
-        append_history(run_dir / "history.csv", {"phase": 1, "epoch": phase1["epochs"], "val_auc": phase1["val_auc"]})
-        model.save_weights(str(run_dir / "best.weights.h5"))
-    if not cfg.init_from:
+    else:
+        if not (resume and (run_dir / "checkpoints").exists()):
+            phase1 = train_head(cfg, model, pixels, y, pos["train"], pos["val"], log)
+            append_history(run_dir / "history.csv", {"phase": 1, "epoch": phase1["epochs"], "val_auc": phase1["val_auc"]})
+            model.save_weights(str(run_dir / "best.weights.h5"))
         head_only_test = roc_auc(y[pos["test"]], predict_keras(model, pixels, pos["test"]))
     phase2 = {}
     if cfg.top_blocks > 0 and cfg.epochs > 0:
