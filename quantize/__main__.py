@@ -18,11 +18,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-QAT_REJECTED = ("post-training int8 (--int8-method ptq). QAT (tfmot quantize_apply on every layer but Rescaling, "
-                "2,048-image fine-tune) was tried on efficientnet_lite0 and its int8 file scored test AUC 0.739 vs "
-                "0.895 float: rejected until fixed. Likely cause: tfmot's moving-average activation ranges "
-                "(decay 0.999, initialised to +-6) barely move in 64 steps, so Add outputs are clipped; a longer QAT "
-                "run or range calibration before QAT is the fix to try")
+PTQ_CHOSEN = ("post-training int8 requested with --int8-method ptq; the default (auto) uses quantization-aware "
+              "training for backbones tfmot supports")
 
 
 def log(msg: str) -> None:
@@ -60,16 +57,17 @@ def do_prune(run_dir: Path, sparsity: float, epochs: int, lr: float, ctx: dict) 
     return report
 
 
-def do_qat(images: int, lr: float, ctx: dict) -> None:
+def do_qat(images: int, lr: float, epochs: int, calibration: int, ctx: dict) -> None:
     """QAT fine-tune of the run's model (efficientnet_lite0, mobilenet_v2) for the int8 export."""
     from .qat import quantize_aware
     cfg, rows = ctx["cfg"], ctx["rows"]
     train_idx = rows.index[rows["split"] == "train"].to_numpy()
     t0 = time.time()
-    ctx["qat_model"] = quantize_aware(ctx["model"], ctx["pixels"], rows["target"].to_numpy().astype("float32"),
-                                      train_idx, images, lr, cfg.batch_size, cfg.seed, cfg.class_weighting)
+    ctx["qat_model"], done = quantize_aware(ctx["model"], ctx["pixels"], rows["target"].to_numpy().astype("float32"),
+                                            train_idx, images, lr, cfg.batch_size, cfg.seed, cfg.class_weighting,
+                                            calibration=calibration, epochs=epochs)
     ctx["qat_info"] = {"method": "quantization-aware training (tfmot) + int8 conversion",
-                       "qat_images": min(images, len(train_idx)), "qat_lr": lr, "qat_epochs": 1,
+                       "qat_images": min(images, len(train_idx)), "qat_lr": lr, "qat_epochs": epochs, **done,
                        "qat_seconds": round(time.time() - t0), "not_quantized_in_training": "Rescaling (input scaling)"}
     log(f"QAT fine-tune on {ctx['qat_info']['qat_images']} images in {ctx['qat_info']['qat_seconds']}s")
 
@@ -105,7 +103,7 @@ def do_convert(variants: list[str], out_dir: Path, calibration: int, ctx: dict) 
         if variant == "int8" and "qat_model" in ctx:
             quant.update(ctx["qat_info"])
         elif variant == "int8":
-            quant["why_not_qat"] = ctx.get("why_not_qat", QAT_REJECTED)
+            quant["why_not_qat"] = ctx.get("why_not_qat", PTQ_CHOSEN)
         name = f"{cfg.backbone}_{variant}.tflite"
         meta = C.export(data, out_dir / name, backbone=cfg.backbone, variant=variant, quantization=quant,
                         cfg=cfg.to_dict(), run_metrics=ctx["run_metrics"], rows=rows, pixels=pixels,
@@ -150,12 +148,15 @@ def main(argv=None) -> int:
                            help="float32 float16 dynamic int8 pruned_int8")
             p.add_argument("--calibration", type=int, default=300, help="training images for int8 calibration")
             p.add_argument("--report", type=Path, help="write a JSON summary of the exported files here")
-            p.add_argument("--int8-method", choices=["auto", "qat", "ptq"], default="ptq",
-                           help="ptq (default): post-training full int8. qat / auto (QAT where tfmot supports "
-                                "the backbone) are experimental: on efficientnet_lite0 the QAT export lost 0.16 "
-                                "test AUC (see MODEL_CARD.md), so it is not the default")
+            p.add_argument("--int8-method", choices=["auto", "qat", "ptq"], default="auto",
+                           help="auto (default): quantization-aware training where tfmot supports the backbone "
+                                "(efficientnet_lite0, mobilenet_v2), post-training int8 otherwise (MobileNetV3). "
+                                "qat: require QAT. ptq: post-training int8 only")
             p.add_argument("--qat-images", type=int, default=2048, help="training images for the QAT fine-tune")
-            p.add_argument("--qat-lr", type=float, default=1e-5)
+            p.add_argument("--qat-lr", type=float, default=2e-6, help="QAT fine-tune learning rate (Adam)")
+            p.add_argument("--qat-epochs", type=int, default=1)
+            p.add_argument("--qat-calibration", type=int, default=512,
+                           help="training images whose mean per-batch min/max start the QAT activation ranges")
     args = ap.parse_args(argv)
     if not (args.run / "model.h5").is_file():
         print(f"error: {args.run / 'model.h5'} not found; train first with python -m train", file=sys.stderr)
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
                                   "(hard-swish TFOpLambda): post-training full int8 instead")
         if "int8" in args.variants and args.int8_method != "ptq":
             if supported:
-                do_qat(args.qat_images, args.qat_lr, ctx)
+                do_qat(args.qat_images, args.qat_lr, args.qat_epochs, args.qat_calibration, ctx)
             elif args.int8_method == "qat":
                 print(f"error: tfmot QAT does not support {ctx['cfg'].backbone}", file=sys.stderr)
                 return 2

@@ -35,6 +35,9 @@ def test_int8_is_integer_io_and_small(exported):
     assert meta["input"]["dtype"] == "uint8" and meta["output"]["dtype"] == "uint8"
     assert meta["input"]["quantization"]["scale"] > 0
     assert meta["quantization"]["calibration_source"] == "training split"
+    # efficientnet_lite0 is QAT-capable: the default (--int8-method auto) uses QAT and says so
+    assert meta["quantization"]["method"] == "quantization-aware training (tfmot) + int8 conversion"
+    assert meta["quantization"]["range_calibration_images"] > 0 and "why_not_qat" not in meta["quantization"]
     f32 = (exported / "efficientnet_lite0_float32.tflite").stat().st_size
     assert (exported / "efficientnet_lite0_int8.tflite").stat().st_size <= 0.30 * f32
 
@@ -76,3 +79,24 @@ def test_pruning_leaves_the_source_model_dense(tiny_run):
     x = np.random.default_rng(0).uniform(0, 255, (16, 32, 32, 3)).astype(np.float32)
     fine_tune_pruned(pruned, x, np.r_[np.ones(4), np.zeros(12)].astype(np.float32), np.arange(16), 2, 1e-3, 8, 0)
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+def test_qat_ranges_start_from_calibrated_activation_statistics():
+    """calibrate_ranges sets each moving-average range to the mean of per-batch min/max, not tfmot's +-6."""
+    from train import tfenv  # noqa: F401
+    import tf_keras as keras
+    import tensorflow_model_optimization as tfmot
+    from quantize.qat import annotate, calibrate_ranges, range_variables
+    inp = keras.Input((4,))
+    hidden = keras.layers.Dense(3, name="d")(keras.layers.Rescaling(0.1)(inp))
+    model = keras.Model(inp, keras.layers.Dense(1, activation="sigmoid", name="o")(hidden))
+    with tfmot.quantization.keras.quantize_scope():
+        q = tfmot.quantization.keras.quantize_apply(annotate(model))
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(0, 30, (8, 4)).astype(np.float32) for _ in range(3)]
+    assert calibrate_ranges(q, iter(batches)) == 3
+    outs = [keras.Model(model.input, model.get_layer("d").output)(b).numpy() for b in batches]
+    ranges = range_variables(q)
+    # the fake-quantized kernel shifts outputs slightly: within 0.05 of the float statistics
+    assert ranges["quant_d/post_activation_min:0"] == pytest.approx(np.mean([o.min() for o in outs]), abs=0.05)
+    assert ranges["quant_d/post_activation_max:0"] == pytest.approx(np.mean([o.max() for o in outs]), abs=0.05)
