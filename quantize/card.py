@@ -100,6 +100,11 @@ def render(models_dir: Path) -> str:
             *lineage_lines(d.get("training_lineage")),
             f"- Shipped default `{DEFAULT}`: {d['quantization'].get('method')}; {d['quantization'].get('description')}; "
             f"{d['quantization'].get('calibration_images')} calibration images from the training split.",
+            *([f"- Quantization-aware training: activation ranges set from {d['quantization']['range_calibration_images']} "
+               f"training images (mean per-batch min/max), then {d['quantization']['qat_epochs']} epoch(s) on "
+               f"{d['quantization']['qat_images']} augmented training images at learning rate {d['quantization']['qat_lr']} "
+               f"through tfmot's fake-quant ops; not quantized in training: {d['quantization']['not_quantized_in_training']}."]
+              if d["quantization"].get("qat_images") else []),
             *([f"- Why not quantization-aware training: {d['quantization']['why_not_qat']}."]
               if d["quantization"].get("why_not_qat") else []), "",
             "## Decision threshold", "",
