@@ -55,3 +55,30 @@ def test_local_weights_by_environment_variable(monkeypatch):
     b, _ = build_backbone("mobilenet_v3_small", weights=None)
     wa, wb = a.get_layer("Conv").get_weights()[0], b.get_layer("Conv").get_weights()[0]
     assert wa.shape == wb.shape and not np.allclose(wa, wb)
+
+
+@pytest.mark.skipif(not (SHARED_WEIGHTS / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5").exists(),
+                    reason="../shared/weights not present")
+def test_mobilenet_v2_local_weights_load_into_the_flat_model(monkeypatch):
+    from train.backbones import build_backbone
+    monkeypatch.setenv("MOBILENET_V2_WEIGHTS",
+                       str(SHARED_WEIGHTS / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"))
+    a, _ = build_backbone("mobilenet_v2")
+    b, _ = build_backbone("mobilenet_v2", weights=None)
+    wa, wb = a.get_layer("Conv1").get_weights()[0], b.get_layer("Conv1").get_weights()[0]
+    assert wa.shape == wb.shape and not np.allclose(wa, wb)
+
+
+def test_mobilenet_v2_is_flat_so_qat_reaches_its_blocks():
+    """QAT (and pruning) clone layer by layer: a nested base model would hide its blocks."""
+    import tf_keras as keras
+    import tensorflow_model_optimization as tfmot
+    from quantize.qat import annotate, range_variables
+    from train.model import build_classifier
+    model, info = build_classifier("mobilenet_v2", 32, weights="none")
+    assert info.qat_supported and not any(isinstance(l, keras.Model) for l in model.layers)
+    with tfmot.quantization.keras.quantize_scope():
+        q = tfmot.quantization.keras.quantize_apply(annotate(model))
+    names = range_variables(q)
+    assert any(n.startswith("quant_block_16_project/") for n in names)
+    assert any(n.startswith("quant_Conv1/") for n in names)

@@ -14,8 +14,12 @@ SAMPLE = REPO / "tests" / "fixtures" / "regression_sample.csv"
 AUC_MARGIN = 0.04  # the sample's AUC may sit this far below the model card's full-test AUC
 # |P(int8) - P(float32 .tflite)| on the first 48 sample images. Measured at export: median 0.016,
 # max 0.125 (test split p99 0.12): a few images sit on the steep part of the sigmoid.
+# The default int8 file is quantization-aware trained: fine-tuned through fake-quant ops, it is a slightly
+# different function from the float32 sibling (each file has its own validated threshold). Its ranking must
+# agree; probabilities may drift a little (full test split: median |dP| 0.009, p99 0.17 vs Keras float).
 PARITY_MEDIAN_TOLERANCE = 0.03
-PARITY_MAX_TOLERANCE = 0.15
+PARITY_P99_TOLERANCE = 0.25
+PARITY_MIN_SPEARMAN = 0.95
 SHIPPED = sorted(MODELS_DIR.glob("*.tflite"))
 
 
@@ -55,8 +59,11 @@ def test_int8_parity_with_float_on_fixed_sample():
     float_model = MODELS_DIR / "efficientnet_lite0_float32.tflite"
     if not float_model.exists():
         pytest.skip("float32 sibling not shipped")
-    s = load_sample().head(48)
+    s = load_sample()
     q, f = Classifier(DEFAULT_MODEL), Classifier(float_model)
-    diffs = [abs(q.classify(p).probability - f.classify(p).probability) for p in s["path"]]
-    assert np.median(diffs) < PARITY_MEDIAN_TOLERANCE and max(diffs) < PARITY_MAX_TOLERANCE, \
-        f"median |dP| {np.median(diffs):.3f}, max {max(diffs):.3f}"
+    pq = pd.Series([q.classify(p).probability for p in s["path"]])
+    pf = pd.Series([f.classify(p).probability for p in s["path"]])
+    diffs = (pq - pf).abs()
+    rho = pq.corr(pf, method="spearman")
+    assert diffs.median() < PARITY_MEDIAN_TOLERANCE and diffs.quantile(0.99) < PARITY_P99_TOLERANCE \
+        and rho >= PARITY_MIN_SPEARMAN, f"median |dP| {diffs.median():.3f}, p99 {diffs.quantile(0.99):.3f}, rho {rho:.3f}"

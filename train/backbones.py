@@ -186,14 +186,14 @@ def _applications(fn_name: str, env: str, **kwargs) -> Callable:
 
 
 def _mobilenet_v2(input_shape, weights="imagenet"):
-    """MobileNetV2 expects [-1, 1]; the scaling layer goes inside the model (nested base)."""
+    """MobileNetV2 expects [-1, 1]: the scaling layer feeds the base through `input_tensor`, so the
+    model stays flat and pruning / QAT (clone_model) reach every block's layers."""
     if weights == "imagenet" and os.environ.get(WEIGHTS_ENV["mobilenet_v2"]):
         weights = os.environ[WEIGHTS_ENV["mobilenet_v2"]]
-    base = keras.applications.MobileNetV2(input_shape=input_shape, include_top=False, weights=weights,
-                                          pooling="avg")
     inp = keras.Input(input_shape, name="image")
     x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(inp)
-    return keras.Model(inp, base(x), name="mobilenet_v2")
+    base = keras.applications.MobileNetV2(input_tensor=x, include_top=False, weights=weights, pooling="avg")
+    return keras.Model(inp, base.output, name="mobilenet_v2")
 
 
 REGISTRY: dict[str, tuple[Callable, BackboneInfo]] = {

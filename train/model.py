@@ -22,7 +22,7 @@ def build_classifier(backbone: str, image_size: int = 224, dropout: float = 0.3,
 
 
 def backbone_layers(model: keras.Model):
-    """All layers of the backbone, flattening a nested base model (MobileNetV2)."""
+    """All layers of the backbone; flattens a nested base model (MobileNetV2 runs saved before it was built flat)."""
     for layer in model.layers:
         if isinstance(layer, keras.Model):
             yield from layer.layers
