@@ -66,8 +66,7 @@ def do_qat(images: int, lr: float, epochs: int, calibration: int, ctx: dict) -> 
     ctx["qat_model"], done = quantize_aware(ctx["model"], ctx["pixels"], rows["target"].to_numpy().astype("float32"),
                                             train_idx, images, lr, cfg.batch_size, cfg.seed, cfg.class_weighting,
                                             calibration=calibration, epochs=epochs)
-    ctx["qat_info"] = {"method": "quantization-aware training (tfmot) + int8 conversion",
-                       "qat_images": min(images, len(train_idx)), "qat_lr": lr, "qat_epochs": epochs, **done,
+    ctx["qat_info"] = {"method": "quantization-aware training (tfmot) + int8 conversion", **done,
                        "qat_seconds": round(time.time() - t0), "not_quantized_in_training": "Rescaling (input scaling)"}
     log(f"QAT fine-tune on {ctx['qat_info']['qat_images']} images in {ctx['qat_info']['qat_seconds']}s")
 
@@ -93,14 +92,15 @@ def do_convert(variants: list[str], out_dir: Path, calibration: int, ctx: dict) 
                 src = load_keras_model(pruned_path)
             report = ctx.get("prune_report") or json.loads((Path(cfg.out) / "prune_report.json").read_text())
             extra["pruning"] = {k: v for k, v in report.items() if k != "layers"}
-        if variant == "int8" and "qat_model" in ctx:
+        qat = variant == "int8" and "qat_model" in ctx
+        if qat:
             src = ctx["qat_model"]
         t0 = time.time()
         data, how = C.convert(src, variant, rep if "int8" in variant else None)
         quant = {**how, "method": "post-training quantization" if variant != "float32" else "none",
                  "calibration_images": n_cal if "int8" in variant else 0,
                  "calibration_source": "training split" if "int8" in variant else None}
-        if variant == "int8" and "qat_model" in ctx:
+        if qat:
             quant.update(ctx["qat_info"])
         elif variant == "int8":
             quant["why_not_qat"] = ctx.get("why_not_qat", PTQ_CHOSEN)

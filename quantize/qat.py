@@ -23,7 +23,7 @@ import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 from tensorflow_model_optimization.python.core.quantization.keras import quant_ops
 
-from train.loop import class_weights, weighted_batches
+from train.loop import batches as index_batches, class_weights, weighted_batches
 from train.model import augment
 
 SKIP = (keras.layers.Rescaling, keras.layers.InputLayer)
@@ -39,6 +39,12 @@ def annotate(model: keras.Model) -> keras.Model:
     annotated = keras.models.clone_model(model, clone_function=clone_fn)
     annotated.set_weights(model.get_weights())
     return annotated
+
+
+def fake_quant_model(model: keras.Model) -> keras.Model:
+    """The model with tfmot's fake-quant ops on every layer but Rescaling (ranges not yet calibrated)."""
+    with tfmot.quantization.keras.quantize_scope():
+        return tfmot.quantization.keras.quantize_apply(annotate(model))
 
 
 @contextlib.contextmanager
@@ -83,11 +89,10 @@ def quantize_aware(model: keras.Model, pixels, y: np.ndarray, train_idx: np.ndar
                    epochs: int = 1) -> tuple[keras.Model, dict]:
     """Range calibration on `calibration` images, then a QAT fine-tune on `images` augmented
     training-split images for `epochs` (BatchNorm stays frozen). Returns the QAT model and what was done."""
-    with tfmot.quantization.keras.quantize_scope():
-        q = tfmot.quantization.keras.quantize_apply(annotate(model))
+    q = fake_quant_model(model)
     rng = np.random.default_rng(seed)
     cal = np.sort(rng.choice(train_idx, size=min(calibration, len(train_idx)), replace=False))
-    steps = calibrate_ranges(q, (np.asarray(pixels[cal[s:s + batch]], np.float32) for s in range(0, len(cal), batch)))
+    steps = calibrate_ranges(q, (np.asarray(pixels[b], np.float32) for b in index_batches(cal, batch, rng, shuffle=False)))
     pick = rng.permutation(train_idx)[:images]
     batch = min(batch, len(pick))
     g = tf.random.Generator.from_seed(seed)
@@ -95,4 +100,5 @@ def quantize_aware(model: keras.Model, pixels, y: np.ndarray, train_idx: np.ndar
                weighted_batches(pixels, y, pick, batch, rng, class_weights(y[train_idx], weighting), epochs=epochs))
     q.compile(keras.optimizers.Adam(lr), "binary_crossentropy")
     q.fit(batches, steps_per_epoch=len(pick) // batch, epochs=epochs, verbose=2)
-    return q, {"range_calibration_images": len(cal), "range_calibration_steps": steps}
+    return q, {"qat_images": len(pick), "qat_lr": lr, "qat_epochs": epochs,
+               "range_calibration_images": len(cal), "range_calibration_steps": steps}

@@ -72,13 +72,11 @@ def test_mobilenet_v2_local_weights_load_into_the_flat_model(monkeypatch):
 def test_mobilenet_v2_is_flat_so_qat_reaches_its_blocks():
     """QAT (and pruning) clone layer by layer: a nested base model would hide its blocks."""
     import tf_keras as keras
-    import tensorflow_model_optimization as tfmot
-    from quantize.qat import annotate, range_variables
+    from quantize.qat import fake_quant_model, range_variables
     from train.model import build_classifier
     model, info = build_classifier("mobilenet_v2", 32, weights="none")
     assert info.qat_supported and not any(isinstance(l, keras.Model) for l in model.layers)
-    with tfmot.quantization.keras.quantize_scope():
-        q = tfmot.quantization.keras.quantize_apply(annotate(model))
+    q = fake_quant_model(model)
     names = range_variables(q)
     assert any(n.startswith("quant_block_16_project/") for n in names)
     assert any(n.startswith("quant_Conv1/") for n in names)

@@ -85,13 +85,11 @@ def test_qat_ranges_start_from_calibrated_activation_statistics():
     """calibrate_ranges sets each moving-average range to the mean of per-batch min/max, not tfmot's +-6."""
     from train import tfenv  # noqa: F401
     import tf_keras as keras
-    import tensorflow_model_optimization as tfmot
-    from quantize.qat import annotate, calibrate_ranges, range_variables
+    from quantize.qat import calibrate_ranges, fake_quant_model, range_variables
     inp = keras.Input((4,))
     hidden = keras.layers.Dense(3, name="d")(keras.layers.Rescaling(0.1)(inp))
     model = keras.Model(inp, keras.layers.Dense(1, activation="sigmoid", name="o")(hidden))
-    with tfmot.quantization.keras.quantize_scope():
-        q = tfmot.quantization.keras.quantize_apply(annotate(model))
+    q = fake_quant_model(model)
     rng = np.random.default_rng(0)
     batches = [rng.normal(0, 30, (8, 4)).astype(np.float32) for _ in range(3)]
     assert calibrate_ranges(q, iter(batches)) == 3
