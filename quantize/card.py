@@ -140,7 +140,9 @@ def render(models_dir: Path) -> str:
             "- The model never saw non-lesion images; it will output a number for any photo.", "",
             "## Reproduce every figure", "",
             "```bash", "pip install -r requirements.txt",
-            "python -m train                     # runs/efficientnet_lite0: metrics.json, plots, predictions.csv",
+            "python -m train --out runs/lite0_top8   # stage 1: head, then the top 8 blocks",
+            "python -m train --init-from runs/lite0_top8 --top-blocks 16 --epochs 6 --lr 1e-4 --warmup-epochs 0.5 \\",
+            "    --patience 3 --out runs/efficientnet_lite0   # stage 2: all blocks; metrics.json, plots, predictions.csv",
             "python -m quantize all --run runs/efficientnet_lite0 --out models   # sidecars with each file's metrics",
             "python -m train.evaluate --run runs/efficientnet_lite0 --model models/efficientnet_lite0_int8.tflite",
             "python -m quantize card             # this file", "python -m benchmarks all          # reports/", "```", ""]
