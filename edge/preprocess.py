@@ -1,11 +1,23 @@
 """The one image preprocessing of the project, shared by training and inference.
 
 Policy (recorded in every model sidecar under "preprocessing"):
-  1. Decode with Pillow. JPEGs use draft mode, so a 6000x4000 photo is decoded at the
-     smallest 1/2, 1/4 or 1/8 scale that is still at least twice the model input.
+  1. Decode with Pillow, through one bounded decoder (`open_image`):
+     - only JPEG, PNG, WebP, TIFF and BMP are opened (`ALLOWED_FORMATS`); every other format
+       Pillow knows (EPS, PCX, SGI, ...) is refused before its plug-in parses anything;
+     - the header is checked before any pixel is decoded: total pixels, each side, aspect
+       ratio and the bytes the decoded image would take (`DecodeLimits`);
+     - JPEGs use draft mode, so a 6000x4000 photo is decoded at the smallest 1/2, 1/4 or 1/8
+       scale that is still at least twice the model input; other formats are reduced by an
+       integer factor (`Image.reduce`, a box filter) to the same bound right after decoding;
+     - any decoder failure (truncation, Pillow's bomb and text-chunk limits, `MemoryError`,
+       malformed metadata, ...) becomes an `ImageError` with a plain message.
+     Peak memory per image is estimated from the header (`peak_bytes`, measured per mode and
+     format) and refused over `DecodeLimits.max_decode_bytes` (400 MB by default); a shared
+     `MemoryBudget` bounds the decodes that run at once in the server.
   2. Apply the EXIF orientation tag.
   3. Convert any mode to 8-bit RGB: 16-bit greyscale (I;16) is scaled by 65535/255,
-     32-bit integer or float greyscale (I, F) by the image's own maximum, palette and alpha images are flattened onto black (the vignette
+     32-bit integer or float greyscale (I, F) by the image's own maximum (NaN or infinite
+     values are refused), palette and alpha images are flattened onto black (the vignette
      colour of dermoscopy), CMYK and the rest go through Pillow's RGB conversion.
   4. Resize to the input size. "squash" (default) resizes the whole image to the target
      size, ignoring aspect ratio, as the ISIC 2017 and HAM10000 sets were made;
@@ -19,25 +31,61 @@ Only numpy and Pillow are imported here: this module runs on the device.
 from __future__ import annotations
 
 import io
+import os
+import stat
+import threading
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 ImageSource = Union[str, Path, bytes, io.BytesIO]
 
-# Larger than any dermoscope or phone photo (ISIC 2020's biggest is ~24 Mpx), small enough
-# that a crafted "decompression bomb" is refused before it is decoded.
-DEFAULT_MAX_PIXELS = 64_000_000
+# The formats a dermoscope, phone or scanner produces. The JPEG plug-in also opens the
+# multi-picture JPEGs many phones write, which Pillow then names "MPO".
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP")
+FORMAT_NAMES = "JPEG, PNG, WebP, TIFF or BMP"
+
+# About the largest real dermoscope or phone photo (50 Mpx phone sensors: 8160x6144).
+DEFAULT_MAX_PIXELS = 50_000_000
 
 RESIZE_POLICIES = ("squash", "center_crop")
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+# Modes Image.reduce averages correctly; others are converted first ("P" would average indices).
+_REDUCIBLE = {"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F"}
+# Peak bytes per pixel while decoding and shrinking, by mode (measured, tests/test_hostile.py):
+# Pillow stores RGB in 4 bytes; reduce() premultiplies alpha into a full-size copy; palette and
+# 16-bit images are converted to a 4-byte mode before reduce(). Anything else: 4.
+_PEAK_BYTES_PER_PIXEL = {"1": 2, "L": 1, "P": 9, "PA": 9, "LA": 8, "RGBA": 8,
+                         "I;16": 6, "I;16L": 6, "I;16B": 6, "I;16N": 6}
+# libwebp decodes into its own RGBA buffer, which Pillow then copies (measured 16 bytes/pixel).
+_WEBP_PEAK_BYTES_PER_PIXEL = 16
 
 
 class ImageError(ValueError):
-    """An input that is not a readable image; the message says why, for the user."""
+    """An input that is not a readable image. `reason` says why in the user's words; `name`
+    is the file (or "upload"); str() gives both."""
+
+    def __init__(self, name: str, reason: str | None = None):
+        if reason is None:
+            name, reason = "image", name
+        super().__init__(f"{name}: {reason}")
+        self.name, self.reason = name, reason
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What an input may declare in its header; checked before any pixel is decoded."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS  # width x height
+    max_side: int = 20_000  # longest side in pixels
+    max_aspect: float = 8.0  # longest / shortest side; a lesion photo is never a strip
+    max_decode_bytes: int = 400 * 2**20  # estimated peak memory of one decode (see peak_bytes)
+    max_file_bytes: int = 256 * 1024 * 1024  # files read from disk (uploads are capped by the server)
 
 
 @dataclass(frozen=True)
@@ -68,53 +116,186 @@ class PreprocessSpec:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
 
 
-def open_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode `source` (path, bytes or file object) into an 8-bit RGB image, EXIF-oriented."""
-    name = str(source) if isinstance(source, (str, Path)) else "upload"
+def read_source(source: ImageSource, limits: DecodeLimits) -> tuple[str, io.BytesIO]:
+    """(name for messages, in-memory file). Paths must be regular files: a FIFO or a device
+    would block or never end, so it is refused from its `stat` before it is opened."""
     if isinstance(source, (bytes, bytearray)):
         if not source:
-            raise ImageError("empty file (0 bytes)")
-        source = io.BytesIO(source)
+            raise ImageError("upload", "empty file (0 bytes)")
+        return "upload", io.BytesIO(source)
+    if not isinstance(source, (str, Path)):
+        return "upload", source
+    name = str(source)
     try:
-        img = Image.open(source)
+        st = os.stat(source)
     except FileNotFoundError:
-        raise ImageError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{name}: is a folder, not an image") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image Pillow can read") from None
+        raise ImageError(name, "no such file") from None
     except OSError as e:
-        raise ImageError(f"{name}: damaged or truncated image, cannot read its header ({e})") from None
-    w, h = img.size
-    if w * h > max_pixels:
-        raise ImageError(f"{name}: {w}x{h} pixels is over the limit of {max_pixels} pixels")
-    if w == 0 or h == 0:
-        raise ImageError(f"{name}: image has no pixels")
+        raise ImageError(name, f"cannot be read ({e.strerror or 'access error'})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(name, "is a folder, not an image")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(name, "not a regular file (a pipe, socket or device), skipped")
+    if st.st_size == 0:
+        raise ImageError(name, "empty file (0 bytes)")
+    if st.st_size > limits.max_file_bytes:
+        raise ImageError(name, f"file of {st.st_size / 2**20:.0f} MB is over the limit of "
+                         f"{limits.max_file_bytes / 2**20:.0f} MB")
     try:
-        if draft_size is not None and img.format == "JPEG":
-            # Decode at a reduced DCT scale, still at least twice the target size.
-            img.draft("RGB", (draft_size[1] * 2, draft_size[0] * 2))
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        # Truncated files end up here ("image file is truncated").
-        raise ImageError(f"{name}: damaged or truncated image ({e})") from None
+        with open(source, "rb") as f:
+            return name, io.BytesIO(f.read(limits.max_file_bytes + 1))
+    except OSError as e:
+        raise ImageError(name, f"cannot be read ({e.strerror or 'access error'})") from None
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB (see the module docstring for the rules)."""
+def peak_bytes(img: Image.Image) -> int:
+    """Estimated peak memory of decoding and shrinking `img` at its current (draft) size."""
+    w, h = img.size
+    per_pixel = _PEAK_BYTES_PER_PIXEL.get(img.mode, 4)
+    if img.format == "WEBP":
+        per_pixel = _WEBP_PEAK_BYTES_PER_PIXEL
+    if img.format == "TIFF":  # samples wider than Pillow's storage (16-bit RGB, float64) add a raw buffer
+        bits = img.tag_v2.get(258, (8,))  # BitsPerSample, one entry per sample
+        bits = sum(bits) if isinstance(bits, tuple) else int(bits)
+        if bits > 32:
+            per_pixel += -(-int(bits) // 8)
+    return w * h * per_pixel
+
+
+class MemoryBudget:
+    """Bytes of decoding that may run at once (the server shares one between its threads):
+    `with budget.reserve(n):` waits until n bytes are free. n never exceeds the capacity,
+    because `check_memory` refuses such images first."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.used = capacity, 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def reserve(self, nbytes: int):
+        nbytes = min(nbytes, self.capacity)
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + nbytes <= self.capacity)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= nbytes
+                self._cond.notify_all()
+
+
+def check_header(img: Image.Image, name: str, limits: DecodeLimits) -> None:
+    """Refuse from the header alone: no pixels are decoded yet."""
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageError(name, "image has no pixels")
+    if w * h > limits.max_pixels or max(w, h) > limits.max_side:
+        raise ImageError(name, f"{w}x{h} pixels is over the limit of {limits.max_pixels:,} pixels "
+                         f"and {limits.max_side:,} per side")
+    if max(w, h) / min(w, h) > limits.max_aspect:
+        raise ImageError(name, f"{w}x{h} pixels is not a photo of a lesion (sides more than "
+                         f"{limits.max_aspect:g} to 1)")
+
+
+def check_memory(img: Image.Image, name: str, limits: DecodeLimits) -> int:
+    """Refuse an image whose decode would need more than the limit; return the estimate."""
+    need = peak_bytes(img)
+    if need > limits.max_decode_bytes:
+        w, h = img.size
+        raise ImageError(name, f"{w}x{h} pixels in this format and bit depth would need over "
+                         f"{limits.max_decode_bytes / 2**20:.0f} MB to decode")
+    return need
+
+
+def shrink(img: Image.Image, target: tuple[int, int] | None) -> Image.Image:
+    """Integer box reduction to no less than twice the (height, width) target, as JPEG draft does."""
+    if target is None:
+        return img
+    factor = min(img.width // (2 * target[1]), img.height // (2 * target[0]))
+    if factor < 2:
+        return img
+    if img.mode not in _REDUCIBLE:
+        img = img.convert({"1": "L", "P": "RGBA", "PA": "RGBA"}.get(img.mode, "I"))
+    return img.reduce(factor)
+
+
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def orientation(img: Image.Image) -> Image.Transpose | None:
+    """The transpose that the EXIF orientation tag asks for (as ImageOps.exif_transpose), read
+    before the image is reduced; a malformed EXIF block is ignored, not fatal."""
+    try:
+        return _ORIENTATION.get(img.getexif().get(0x0112))
+    except Exception:  # noqa: BLE001 - broken metadata in a readable photo
+        return None
+
+
+def check_complete(img: Image.Image, name: str) -> None:
+    """A JPEG whose header claims more rows than its data holds is padded by libjpeg with flat
+    grey (128) and no error; refuse it instead of classifying the padding."""
+    a = np.asarray(img)
+    tail = a[-max(1, a.shape[0] // 8):]
+    if (tail == 128).all() and not (a == 128).all():
+        raise ImageError(name, "the file holds less image data than its header declares "
+                         "(truncated or altered)")
+
+
+def open_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS, limits: DecodeLimits | None = None,
+               budget: MemoryBudget | None = None) -> Image.Image:
+    """Decode `source` (path, bytes or file object) into an 8-bit RGB image, EXIF-oriented.
+
+    With `draft_size` (height, width) the image is decoded or reduced to no less than twice
+    that size. Every failure is an `ImageError` whose message is meant for the user."""
+    limits = limits or DecodeLimits(max_pixels=max_pixels)
+    name, stream = read_source(source, limits)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's notes on corrupt metadata are not for the user
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(stream, formats=ALLOWED_FORMATS) as img:
+                check_header(img, name, limits)
+                if draft_size is not None and img.format in ("JPEG", "MPO"):
+                    img.draft("RGB", (draft_size[1] * 2, draft_size[0] * 2))
+                need = check_memory(img, name, limits)
+                with budget.reserve(need) if budget is not None else nullcontext():
+                    img.load()
+                    is_jpeg, mode, turn = img.format in ("JPEG", "MPO"), img.mode, orientation(img)
+                    out = shrink(img, draft_size)
+                    out = to_rgb(out.transpose(turn) if turn is not None else out, name, source_mode=mode)
+        if is_jpeg:
+            check_complete(out, name)
+        return out
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(name, f"not an image in a supported format ({FORMAT_NAMES})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(name, f"the image declares more pixels than the limit of "
+                         f"{limits.max_pixels:,}") from None
+    except MemoryError:
+        raise ImageError(name, "the image is too large to decode") from None
+    except Exception:  # noqa: BLE001 - any decoder failure is the input's fault, never a crash
+        raise ImageError(name, "damaged or truncated image, it cannot be decoded") from None
+
+
+def to_rgb(img: Image.Image, name: str = "image", source_mode: str | None = None) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB (see the module docstring for the rules).
+    `source_mode` is the mode before `shrink`, which widens I;16 to I."""
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
+        a = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(a).all():
+            raise ImageError(name, "the image holds invalid (NaN or infinite) values")
+        top = 65535.0 if (source_mode or img.mode).startswith("I;16") else max(float(a.max()), 1.0)
         a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(a).convert("RGB")
-    if img.mode in ("P", "PA") or "A" in img.mode or "transparency" in img.info:
+    if img.mode in ("P", "PA") or "A" in img.mode or "a" in img.mode or "transparency" in img.info:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -134,9 +315,10 @@ def resize(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
 
 
 def preprocess(source: ImageSource, spec: PreprocessSpec = PreprocessSpec(), *,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+               max_pixels: int = DEFAULT_MAX_PIXELS, limits: DecodeLimits | None = None,
+               budget: MemoryBudget | None = None) -> np.ndarray:
     """Image file/bytes -> float32 array (H, W, 3), values 0..255, ready for the model."""
-    img = open_image(source, draft_size=spec.size, max_pixels=max_pixels)
+    img = open_image(source, draft_size=spec.size, max_pixels=max_pixels, limits=limits, budget=budget)
     return np.asarray(resize(img, spec), dtype=np.float32)
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .preprocess import DEFAULT_MAX_PIXELS, ImageSource, preprocess
-from .sidecar import preprocess_spec, read_sidecar
+from .preprocess import DEFAULT_MAX_PIXELS, ImageSource, MemoryBudget, preprocess
+from .sidecar import SidecarError, preprocess_spec, read_sidecar
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL = MODELS_DIR / "efficientnet_lite0_int8.tflite"
@@ -66,7 +66,7 @@ class Classifier:
     """Loads a model once; `classify()` is preprocess -> invoke -> postprocess. Thread-safe."""
 
     def __init__(self, model_path: Path | str = DEFAULT_MODEL, num_threads: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, budget: MemoryBudget | None = None):
         self.model_path = Path(model_path)
         self.meta = read_sidecar(self.model_path)  # raises SidecarError on a mismatch
         self.spec = preprocess_spec(self.meta)
@@ -74,15 +74,16 @@ class Classifier:
         self.labels = list(self.meta["labels"])
         self.num_threads = num_threads
         self.max_pixels = max_pixels
+        self.budget = budget  # shared by the threads that call classify(), if given
         interpreter_cls, self.backend = load_interpreter_class()
         self._interpreter = interpreter_cls(model_path=str(self.model_path), num_threads=num_threads)
         self._interpreter.allocate_tensors()
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
-        expected = tuple(self.meta["input"]["shape"][1:3])
-        if tuple(self._input["shape"][1:3]) != expected or expected != tuple(self.spec.size):
-            raise ValueError(f"{self.model_path.name}: input shape {list(self._input['shape'])} "
-                             f"disagrees with its sidecar ({list(expected)})")
+        actual, declared = [int(v) for v in self._input["shape"]], list(self.meta["input"]["shape"])
+        if actual[1:] != declared[1:]:
+            raise SidecarError(f"{self.model_path.name}: the model's input shape is {actual}, "
+                               f"its sidecar says {declared}")
         self._lock = threading.Lock()
 
     @property
@@ -115,7 +116,7 @@ class Classifier:
 
     def classify(self, source: ImageSource) -> Prediction:
         """Image path/bytes -> Prediction. Raises edge.ImageError for unreadable input."""
-        x = preprocess(source, self.spec, max_pixels=self.max_pixels)
+        x = preprocess(source, self.spec, max_pixels=self.max_pixels, budget=self.budget)
         p, ms = self.predict_array(x)
         melanoma = p >= self.threshold
         return Prediction(probability=p, melanoma=melanoma, label=self.labels[int(melanoma)],

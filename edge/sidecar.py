@@ -40,13 +40,11 @@ def read_sidecar(model_path: Path, *, verify: bool = True) -> dict:
         raise SidecarError(f"no sidecar for {model_path.name}: expected {path}")
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SidecarError(f"{path}: not valid JSON ({e})") from None
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise SidecarError(f"{path}: missing keys {missing}")
-    if meta["schema_version"] != SCHEMA_VERSION:
-        raise SidecarError(f"{path}: schema_version {meta['schema_version']}, expected {SCHEMA_VERSION}")
+    except OSError as e:
+        raise SidecarError(f"{path}: cannot be read ({e.strerror})") from None
+    check_sidecar(meta, path)
     if verify:
         actual = sha256_of(model_path)
         if actual != meta["sha256"]:
@@ -55,6 +53,42 @@ def read_sidecar(model_path: Path, *, verify: bool = True) -> dict:
                 f"the sidecar says {meta['sha256'][:12]}... The model file was changed or "
                 f"replaced; re-export it with `python -m quantize convert` or restore the original.")
     return meta
+
+
+def check_sidecar(meta, path: Path) -> None:
+    """Refuse a sidecar the runner cannot use, naming the field (a traceback helps no one)."""
+    def bad(field: str, why: str):
+        raise SidecarError(f"{path}: field '{field}' {why}")
+
+    if not isinstance(meta, dict):
+        raise SidecarError(f"{path}: must hold a JSON object, found {type(meta).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise SidecarError(f"{path}: missing keys {missing}")
+    if meta["schema_version"] != SCHEMA_VERSION:
+        raise SidecarError(f"{path}: schema_version {meta['schema_version']}, expected {SCHEMA_VERSION}")
+    for key in ("input", "output", "preprocessing", "metrics", "provenance", "config"):
+        if not isinstance(meta[key], dict):
+            bad(key, "must be a JSON object")
+    shape = meta["input"].get("shape")
+    if not (isinstance(shape, list) and len(shape) == 4 and all(type(v) is int and v > 0 for v in shape)
+            and shape[3] == 3):
+        bad("input.shape", f"must be [1, height, width, 3] with positive integers, found {shape!r}")
+    labels = meta["labels"]
+    if not (isinstance(labels, list) and len(labels) == 2 and all(isinstance(v, str) for v in labels)):
+        bad("labels", f"must be two names [negative, positive], found {labels!r}")
+    threshold = meta["threshold"]
+    if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 <= threshold <= 1):
+        bad("threshold", f"must be a number from 0 to 1, found {threshold!r}")
+    for key in ("sha256", "model", "variant"):
+        if not isinstance(meta[key], str):
+            bad(key, "must be a string")
+    try:
+        spec = PreprocessSpec.from_dict(meta["preprocessing"])
+    except (TypeError, ValueError) as e:
+        bad("preprocessing", f"is not a valid preprocessing spec ({e})")
+    if list(spec.size) != shape[1:3]:
+        bad("preprocessing.size", f"{list(spec.size)} disagrees with input.shape {shape}")
 
 
 def preprocess_spec(meta: dict) -> PreprocessSpec:

@@ -31,6 +31,6 @@ def read_upload(field: str = "image") -> bytes:
 def classify_upload() -> Prediction:
     data = read_upload()
     try:
-        return classifier().classify(data)
+        return classifier().classify(data)  # decodes share the app's MemoryBudget
     except ImageError as e:
-        abort(400, f"not a usable image: {e}")
+        abort(400, f"not a usable image: {e.reason}")

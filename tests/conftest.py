@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,12 @@ def images_dir(tmp_path) -> Path:
     for i in range(3):
         lesion_image(i).save(d / f"ok{i}.jpg")
     return d
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def shared_data_available() -> bool:

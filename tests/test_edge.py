@@ -68,6 +68,47 @@ def test_missing_or_broken_sidecar(tiny_models, tmp_path):
         read_sidecar(model)
 
 
+BAD_SIDECARS = {  # how the sidecar is damaged -> the field the message must name
+    "null": (lambda m: None, "must hold a JSON object"),
+    "list": (lambda m: [m], "must hold a JSON object"),
+    "empty input": (lambda m: {**m, "input": {}}, "'input.shape'"),
+    "shape of strings": (lambda m: {**m, "input": {"shape": ["1", "32", "32", "3"]}}, "'input.shape'"),
+    "one label": (lambda m: {**m, "labels": ["melanoma"]}, "'labels'"),
+    "threshold string": (lambda m: {**m, "threshold": "0.5"}, "'threshold'"),
+    "threshold 7": (lambda m: {**m, "threshold": 7}, "'threshold'"),
+    "preprocessing null": (lambda m: {**m, "preprocessing": None}, "'preprocessing'"),
+    "bad resize": (lambda m: {**m, "preprocessing": {**m["preprocessing"], "resize": "stretch"}}, "'preprocessing'"),
+    "size mismatch": (lambda m: {**m, "preprocessing": {**m["preprocessing"], "size": [64, 64]}}, "'preprocessing.size'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SIDECARS))
+def test_bad_sidecar_is_refused_naming_the_field(tiny_models, tmp_path, capsys, case):
+    damage, field = BAD_SIDECARS[case]
+    model = tmp_path / "m.tflite"
+    shutil.copy(tiny_models["uint8"], model)
+    meta = json.loads(tiny_models["uint8"].with_suffix(".json").read_text())
+    model.with_suffix(".json").write_text(json.dumps(damage(meta)))
+    with pytest.raises(SidecarError, match=field):
+        read_sidecar(model)
+    assert edge_main(["info", "--model", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert field in err and "Traceback" not in err
+
+
+def test_shape_mismatch_message_names_both_sides(tiny_models, tmp_path):
+    model = tmp_path / "m.tflite"
+    shutil.copy(tiny_models["uint8"], model)
+    meta = json.loads(tiny_models["uint8"].with_suffix(".json").read_text())
+    meta["input"]["shape"] = [1, 64, 64, 3]
+    meta["preprocessing"]["size"] = [64, 64]
+    model.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(SidecarError) as e:
+        Classifier(model)
+    assert str(e.value).endswith(f"input shape is [1, {TINY}, {TINY}, 3], its sidecar says [1, 64, 64, 3]")
+    assert "np.int" not in str(e.value)
+
+
 def test_cli_json_and_exit_codes(tiny_models, images_dir, capsys):
     (images_dir / "broken.jpg").write_bytes(jpeg_bytes(lesion_image(9))[:200])
     (images_dir / "text.png").write_bytes(b"hello")

@@ -100,3 +100,9 @@ def test_training_pipeline_gives_identical_arrays(isic_csv_dir, tmp_path):
     for i in (0, 7, 39):
         inference = preprocess(ds.rows["path"].iloc[i], spec)
         np.testing.assert_array_equal(np.asarray(pixels[i], np.float32), inference)
+
+
+def test_fuzzed_inputs_decode_or_raise_image_error():
+    """A short run of the fuzz property (tests/fuzz_open_image.py runs it for minutes)."""
+    from .fuzz_open_image import fuzz
+    fuzz(examples=300, seed=0)

@@ -3,7 +3,6 @@ import io
 import json
 import logging
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -16,7 +15,7 @@ from PIL import Image
 
 from server import create_app
 
-from .conftest import REPO, jpeg_bytes, lesion_image
+from .conftest import REPO, free_port, jpeg_bytes, lesion_image
 
 
 @pytest.fixture
@@ -156,12 +155,6 @@ def test_concurrent_requests_are_consistent(client, app):
 
 
 # --------------------------------------------------------------------------- real server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def live_server(app):
     import waitress

@@ -1,0 +1,145 @@
+"""waitress, configured so that no client can make it write to disk, wait forever or crash.
+
+What waitress does by default, and what is changed here (see the README's "Limits" section):
+- Request bodies over `inbuf_overflow` (512 KB) are spooled to an unnamed temporary file: the
+  limit is raised above the largest accepted body, so uploads stay in memory.
+- Bodies are refused only from 1 GiB: `max_request_body_size` is set to the app's upload limit
+  (plus room for the multipart envelope), so an oversized `Content-Length` is answered with 413
+  before the body is read, and a chunked body is cut off once it passes the limit.
+- Its timeout counts inactivity only, so a client sending a byte a second holds a connection
+  for ever: `GuardedChannel` records when each request started, and `drop_slow_clients` closes
+  any connection whose request has run past `request_grace_s` at under `min_rate_bytes_s`.
+- Its own error answers (413, 400, 431) are plain text: `FriendlyErrorTask` answers JSON under
+  /api/ and a short page elsewhere, in the app's words.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from html import escape
+
+from waitress.channel import HTTPChannel
+from waitress.server import BaseWSGIServer, create_server
+from waitress.task import ErrorTask
+
+from edge import DISCLAIMER
+
+# Room for the multipart envelope (boundaries, part headers) around an upload of the full limit.
+FORM_OVERHEAD_BYTES = 64 * 1024
+# The security headers of every waitress-generated error (Flask's answers get them from Talisman).
+ERROR_HEADERS = [("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
+                 ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-store"),
+                 ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")]
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How waitress is run; `python -m server` fills it from its flags."""
+
+    host: str = "127.0.0.1"  # bind address
+    port: int = 8000  # TCP port
+    threads: int = 4  # worker threads (requests handled at once)
+    max_upload_bytes: int = 10 * 1024 * 1024  # the app's upload limit
+    connection_limit: int = 500  # open connections before new ones wait (waitress: 100)
+    channel_timeout_s: int = 30  # idle keep-alive connections are closed after this
+    request_grace_s: float = 10.0  # any request may take this long, whatever its rate
+    min_rate_bytes_s: int = 2048  # after the grace, a request must average at least this
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.max_upload_bytes + FORM_OVERHEAD_BYTES
+
+
+def user_message(code: int, max_upload_bytes: int) -> str:
+    if code == 413:
+        return f"upload too large: the limit is {max_upload_bytes / 2**20:g} MB"
+    if code == 431:
+        return "request headers too large"
+    return "the request could not be understood"
+
+
+def error_task_class(max_upload_bytes: int) -> type[ErrorTask]:
+    """An ErrorTask that answers like the app: JSON under /api/ and /healthz, a page elsewhere."""
+
+    class FriendlyErrorTask(ErrorTask):
+        def execute(self):
+            error = self.request.error
+            message = user_message(error.code, max_upload_bytes)
+            path = getattr(self.request, "path", "") or ""
+            if path.startswith("/api/") or path == "/healthz":
+                body = json.dumps({"error": message, "status": error.code}).encode()
+                ctype = "application/json"
+            else:
+                body = (f"<!doctype html><meta charset='utf-8'><title>Error {error.code}</title>"
+                        f"<p>{escape(message)}</p><p><a href='/'>Back to the upload form</a></p>"
+                        f"<p>{escape(DISCLAIMER)}</p>").encode()
+                ctype = "text/html; charset=utf-8"
+            self.status = f"{error.code} {error.reason}"
+            self.response_headers.extend([("Content-Type", ctype), *ERROR_HEADERS])
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    return FriendlyErrorTask
+
+
+class GuardedChannel(HTTPChannel):
+    """An HTTPChannel that remembers when the request it is reading began, and its bytes."""
+
+    request_started: float | None = None
+    request_bytes = 0
+
+    def received(self, data):
+        if self.request is None:  # these bytes begin a new request
+            self.request_started, self.request_bytes = time.monotonic(), 0
+        self.request_bytes += len(data)
+        done = super().received(data)
+        if self.request is None:  # the request is complete (or failed): stop the clock
+            self.request_started = None
+        return done
+
+
+def drop_slow_clients(server: BaseWSGIServer, options: ServeOptions, now: float | None = None) -> int:
+    """Close connections whose unfinished request is past the grace and under the minimum rate."""
+    now = time.monotonic() if now is None else now
+    dropped = 0
+    for channel in list(server.active_channels.values()):
+        started = getattr(channel, "request_started", None)
+        if started is None or channel.will_close:
+            continue
+        elapsed = now - started
+        if elapsed > options.request_grace_s and channel.request_bytes < options.min_rate_bytes_s * elapsed:
+            channel.will_close = True
+            dropped += 1
+    return dropped
+
+
+def guard(server: BaseWSGIServer, options: ServeOptions) -> None:
+    """Give one listening server the guarded channel, friendly errors and the slow-client sweep."""
+    server.channel_class = type("Channel", (GuardedChannel,),
+                                {"error_task_class": error_task_class(options.max_upload_bytes)})
+    idle_sweep = server.maintenance
+
+    def maintenance(now):
+        idle_sweep(now)
+        drop_slow_clients(server, options)
+    server.maintenance = maintenance
+
+
+def make_server(app, options: ServeOptions):
+    """A waitress server for `app` with the limits above; `.run()` serves, `.close()` stops.
+    Raises OSError when the address cannot be bound (port in use, no permission)."""
+    socket_map: dict = {}
+    server = create_server(
+        app, map=socket_map, host=options.host, port=options.port, threads=options.threads,
+        ident="melanoma-screen", max_request_body_size=options.max_body_bytes,
+        # never spool a body to disk: a chunked body is checked against the limit only after a
+        # read (recv_bytes, 8 KB) has been buffered, so leave room above it
+        inbuf_overflow=options.max_body_bytes + 2**20,
+        outbuf_overflow=64 * 1024 * 1024,  # nor a response
+        connection_limit=options.connection_limit, channel_timeout=options.channel_timeout_s,
+        cleanup_interval=1, asyncore_use_poll=True)  # poll: no 1024-descriptor limit of select
+    for listener in {id(s): s for s in socket_map.values() if isinstance(s, BaseWSGIServer)}.values():
+        guard(listener, options)
+    return server

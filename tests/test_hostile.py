@@ -1,0 +1,434 @@
+"""Hostile input through the real processes: `python -m server` (waitress) and `python -m edge`.
+
+The corpus (tests/hostile.py, over 500 files generated here) is posted to both endpoints of a
+real server started on a free port, and run through the CLI over a folder. The server runs
+with a `sitecustomize` that records every temporary file Python creates in it, so a body
+spooled to disk (waitress does this above 512 KB unless configured) is seen even when the file
+is unnamed (O_TMPFILE).
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, free_port, jpeg_bytes, lesion_image
+from .hostile import VALID, corpus
+
+RSS_LIMIT_BYTES = 1024 ** 3  # the server and the CLI stay under 1 GB over the whole corpus
+
+TEMPFILE_RECORDER = '''
+import os, tempfile
+_record = os.environ["TEMPFILE_RECORD"]
+def _wrap(fn):
+    def recorded(*a, **k):
+        with open(_record, "a") as f:
+            f.write(fn.__name__ + "\\n")
+        return fn(*a, **k)
+    return recorded
+for _name in ("TemporaryFile", "NamedTemporaryFile", "SpooledTemporaryFile", "mkstemp"):
+    setattr(tempfile, _name, _wrap(getattr(tempfile, _name)))
+'''
+
+
+@pytest.fixture(scope="module")
+def hostile_files() -> dict[str, bytes]:
+    files = corpus()
+    assert len(files) >= 500
+    return files
+
+
+class RealServer:
+    def __init__(self, proc: subprocess.Popen, port: int, tmpdir: Path, record: Path):
+        self.proc, self.port, self.tmpdir, self.record = proc, port, tmpdir, record
+
+    def peak_rss(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) * 1024
+
+    def temp_files(self) -> list[str]:
+        return self.record.read_text().split() if self.record.exists() else []
+
+    def get(self, path: str, timeout=10) -> tuple[int, bytes, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request("GET", path)
+            r = conn.getresponse()
+            return r.status, r.read(), dict(r.getheaders())
+        finally:
+            conn.close()
+
+    def post(self, path: str, data: bytes, filename="lesion.jpg", headers=None, timeout=60):
+        boundary = "hostile7d9a"
+        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+                f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request("POST", path, body=body, headers={
+                "Content-Type": f"multipart/form-data; boundary={boundary}", **(headers or {})})
+            r = conn.getresponse()
+            return r.status, r.read(), dict(r.getheaders())
+        finally:
+            conn.close()
+
+
+def start_server(tiny_model: Path, root: Path, *extra: str) -> RealServer:
+    port = free_port()
+    tmpdir, hook = root / "tmpdir", root / "hook"
+    tmpdir.mkdir()
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(TEMPFILE_RECORDER)
+    record = root / "tempfiles.txt"
+    env = {**os.environ, "TMPDIR": str(tmpdir), "TEMPFILE_RECORD": str(record),
+           "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])}
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(tiny_model), "--port", str(port),
+                             "--threads", "4", "--model-threads", "1", *extra],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    server = RealServer(proc, port, tmpdir, record)
+    for _ in range(150):
+        try:
+            if server.get("/healthz", timeout=1)[0] == 200:
+                return server
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"server did not start: {proc.communicate()[1].decode()[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def real_server(tiny_models, tmp_path_factory):
+    server = start_server(tiny_models["uint8"], tmp_path_factory.mktemp("server"), "--client-grace", "2")
+    yield server
+    server.proc.terminate()
+    _, err = server.proc.communicate(timeout=20)
+    assert b"Traceback" not in err, err.decode()[-3000:]
+
+
+HOSTILE_UPLOAD_NAMES = ["../../etc/passwd", 'a"b.jpg', "%00.jpg", "con.jpg", "\u202egpj.exe", "x" * 300 + ".jpg"]
+
+
+def test_corpus_through_real_server(real_server, hostile_files):
+    """Every file to both endpoints: no 5xx, no dropped connection, bounded RSS, no temp file."""
+    jobs = [(path, name, data) for name, data in sorted(hostile_files.items()) for path in ("/api/v1/predict", "/predict")]
+
+    def post(job):
+        path, name, data = job
+        upload_name = HOSTILE_UPLOAD_NAMES[hash(name) % len(HOSTILE_UPLOAD_NAMES)]
+        t0 = time.perf_counter()
+        try:
+            status, body, headers = real_server.post(path, data, filename=upload_name)
+        except OSError as e:
+            return path, name, f"connection error {e!r}", time.perf_counter() - t0, b""
+        return path, name, status, time.perf_counter() - t0, body
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(post, jobs))
+    wall = time.perf_counter() - t0
+    statuses = Counter(str(r[2]) for r in results)
+    broken = [(p, n, s) for p, n, s, _, _ in results if not isinstance(s, int) or s >= 500]
+    assert not broken, broken[:10]
+    for path, name, status, _, body in results:
+        if name in VALID:
+            assert status == 200, (path, name, body[:300])
+        if path.startswith("/api/") and status != 200:
+            assert "error" in json.loads(body), (name, body[:200])
+        assert b"Traceback" not in body and b"Pillow" not in body and b"PIL." not in body
+    slowest = max(results, key=lambda r: r[3])
+    peak = real_server.peak_rss()
+    print(f"\nhostile corpus: {len(hostile_files)} files, {len(results)} requests in {wall:.1f} s; "
+          f"statuses {dict(statuses)}; slowest {slowest[3]:.2f} s ({slowest[1]} to {slowest[0]}); "
+          f"server peak RSS {peak / 2**20:.0f} MB")
+    assert peak < RSS_LIMIT_BYTES
+    assert real_server.get("/healthz")[0] == 200
+    assert real_server.temp_files() == [] and list(real_server.tmpdir.iterdir()) == []
+
+
+def raw_request(port: int, head: str, body: bytes = b"") -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(head.encode() + body)
+    return s
+
+
+def read_response(s: socket.socket, timeout=10) -> bytes:
+    s.settimeout(timeout)
+    data = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            if b"\r\n\r\n" in data:
+                head, _, rest = data.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), None)
+                if length is not None and len(rest) >= length:
+                    break
+    except (socket.timeout, ConnectionResetError):
+        pass
+    return data
+
+
+def test_oversized_body_refused_from_its_header(real_server):
+    """A 200 MB Content-Length gets a JSON 413 in under 0.1 s; nothing is read or spooled."""
+    head = (f"POST /api/v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{real_server.port}\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 209715200\r\n\r\n")
+    rss_before = real_server.peak_rss()
+    t0 = time.perf_counter()
+    s = raw_request(real_server.port, head, b"--x\r\n" + bytes(60_000))
+    response = read_response(s)
+    elapsed = time.perf_counter() - t0
+    s.close()
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    assert json.loads(response.partition(b"\r\n\r\n")[2])["error"].startswith("upload too large: the limit is 10 MB")
+    assert elapsed < 0.1, elapsed
+    assert real_server.temp_files() == [] and real_server.peak_rss() - rss_before < 50 * 2**20
+
+
+def test_chunked_body_cut_off_at_the_limit(real_server):
+    """A chunked upload that never ends is answered 413 once it passes the limit."""
+    s = raw_request(real_server.port, f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+                                      "Content-Type: multipart/form-data; boundary=x\r\n\r\n")
+    chunk = b"100000\r\n" + bytes(0x100000) + b"\r\n"  # 1 MiB chunks
+    sent = 0
+    try:
+        while sent < 40 * 2**20:
+            s.sendall(chunk)
+            sent += 2**20
+            if select.select([s], [], [], 0)[0]:
+                break
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    response = read_response(s)
+    s.close()
+    assert response.startswith(b"HTTP/1.1 413") and b"<p>upload too large" in response, response[:300]
+    assert sent < 20 * 2**20  # 10 MB read, the rest sat in socket buffers
+    assert real_server.temp_files() == []
+
+
+def test_one_mb_upload_stays_in_memory(real_server):
+    """Above waitress's 512 KB spooling size: classified, and no temporary file is created."""
+    from PIL import Image
+    data = jpeg_bytes(Image.effect_noise((1400, 1200), 80).convert("RGB"), quality=97)
+    assert len(data) > 1_000_000
+    status, body, _ = real_server.post("/api/v1/predict", data)
+    assert status == 200, body[:300]
+    assert real_server.temp_files() == [] and list(real_server.tmpdir.iterdir()) == []
+
+
+def test_slow_clients_do_not_block_service(real_server):
+    """120 clients sending a byte at a time: normal requests are still answered, and the slow
+    ones are disconnected after the grace (2 s in this server)."""
+    slow = []
+    for _ in range(120):
+        s = socket.create_connection(("127.0.0.1", real_server.port), timeout=5)
+        s.sendall(b"POST /api/v1/predict HTTP/1.1\r\n")
+        slow.append(s)
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.is_set():
+            for s in slow:
+                try:
+                    s.send(b"X")
+                except OSError:
+                    pass
+            time.sleep(0.5)
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    try:
+        image = jpeg_bytes(lesion_image(3, size=(300, 300)))
+        for _ in range(5):
+            t0 = time.perf_counter()
+            assert real_server.post("/api/v1/predict", image, timeout=5)[0] == 200
+            assert real_server.get("/healthz", timeout=5)[0] == 200
+            assert time.perf_counter() - t0 < 2
+        time.sleep(4)  # grace 2 s + sweep
+        closed = 0
+        for s in slow:
+            s.settimeout(0.5)
+            try:
+                closed += s.recv(1024) == b""
+            except (ConnectionResetError, BrokenPipeError):
+                closed += 1
+            except socket.timeout:
+                pass
+        assert closed == len(slow)
+    finally:
+        stop.set()
+        t.join()
+        for s in slow:
+            s.close()
+
+
+def test_security_headers_and_cross_site_posts(real_server):
+    status, body, headers = real_server.get("/")
+    assert status == 200
+    assert headers["X-Content-Type-Options"] == "nosniff" and headers["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    assert "'nonce-" in headers["Content-Security-Policy"] and headers["Referrer-Policy"] == "same-origin"
+    image = jpeg_bytes(lesion_image(4))
+    status, body, headers = real_server.post("/api/v1/predict", image)
+    assert status == 200 and headers["Cache-Control"] == "no-store"
+    for evil in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
+                 {"Referer": "http://evil.example/page.html"}):
+        status, body, _ = real_server.post("/api/v1/predict", image, headers=evil)
+        assert status == 403 and "other websites" in json.loads(body)["error"]
+    same = {"Origin": f"http://127.0.0.1:{real_server.port}", "Sec-Fetch-Site": "same-origin"}
+    assert real_server.post("/predict", image, headers=same)[0] == 200
+
+
+def test_many_form_fields_get_their_own_message(real_server):
+    boundary = "f"
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\nx\r\n'.encode()
+                    for i in range(5000)) + f"--{boundary}--\r\n".encode()
+    conn = http.client.HTTPConnection("127.0.0.1", real_server.port, timeout=20)
+    conn.request("POST", "/api/v1/predict", body=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    r = conn.getresponse()
+    message = json.loads(r.read())["error"]
+    assert r.status == 413 and "too many fields" in message and "MB" not in message
+
+
+def run_server_cli(*args: str, timeout=30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_port_in_use_and_invalid_port(tiny_models):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = run_server_cli("--model", str(tiny_models["uint8"]), "--port", str(port))
+    assert r.returncode == 2 and "already in use" in r.stderr and "Traceback" not in r.stderr
+    assert "serving" not in r.stdout
+    r = run_server_cli("--port", "99999")
+    assert r.returncode == 2 and "out of range" in r.stderr and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------- the CLI
+MEASURE = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable] + sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+sys.stderr.write(f"\\nPEAK_RSS_KB={usage.ru_maxrss}\\n")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_measured(args: list[str], timeout: float) -> tuple[int, str, str, int]:
+    """Run `python ARGS`; (exit status, stdout, stderr, peak RSS in bytes of that process).
+    It is forked from a small launcher: Linux carries a process's peak RSS across exec, so a
+    child forked straight from pytest (with TensorFlow loaded) would report pytest's."""
+    r = subprocess.run([sys.executable, "-c", MEASURE, *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=timeout)
+    err, _, peak = r.stderr.rpartition("\nPEAK_RSS_KB=")
+    return r.returncode, r.stdout, err, int(peak) * 1024
+
+
+def hostile_folder(root: Path, files: dict[str, bytes]) -> tuple[Path, set[str]]:
+    """The corpus, real images and hostile file-system entries in one folder."""
+    d = root / "mixed"
+    d.mkdir()
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    real = set()
+    for i in range(5):
+        name = f"real_{i}.jpg"
+        lesion_image(100 + i, size=(400, 300)).save(d / name)
+        real.add(name)
+    os.mkfifo(d / "fifo.jpg")
+    (d / "dir.jpg").mkdir()
+    (d / "broken_link.jpg").symlink_to(d / "missing.jpg")
+    (d / "loop.jpg").symlink_to(d / "loop.jpg")
+    for weird in ("new\nline.jpg", "-rf.jpg", "tab\tname.png", "ünïcode.jpg", "x" * 200 + ".jpg"):
+        lesion_image(7, size=(100, 100)).save(d / weird)
+        real.add(weird)
+    (d / os.fsdecode(b"bad_\xff\xfe.jpg")).write_bytes(jpeg_bytes(lesion_image(8)))
+    return d, real
+
+
+def test_cli_over_hostile_folder(tiny_models, hostile_files, tmp_path):
+    """Exit 3, every real image predicted, every bad one named, no traceback, bounded RSS."""
+    folder, real = hostile_folder(tmp_path, hostile_files)
+    code, out, err, peak = run_measured(["-m", "edge", "predict", str(folder), "--json",
+                                         "--model", str(tiny_models["uint8"])], timeout=240)
+    assert code == 3 and "Traceback" not in err, err[-3000:]
+    rows = [json.loads(line) for line in out.splitlines()]
+    predicted = {Path(r["image"]).name for r in rows if "probability" in r}
+    assert {n.replace("\n", "\\n").replace("\t", "\\t") for n in real | VALID} <= predicted
+    assert any("fifo.jpg" in line and "not a regular file" in line for line in err.splitlines())
+    assert any("bad_\\xff\\xfe.jpg" in r["image"] for r in rows)
+    skipped = [line for line in err.splitlines() if line.startswith("skipped: ")]
+    assert len(skipped) == sum("error" in r for r in rows) > 300
+    from edge.__main__ import IMAGE_SUFFIXES, shown
+    listed = {shown(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()}
+    assert {r["image"] for r in rows} == listed  # every image file is either predicted or named
+    print(f"\nCLI over {len(rows)} inputs: {len(predicted)} predicted, {len(skipped)} skipped, "
+          f"peak RSS {peak / 2**20:.0f} MB")
+    assert peak < RSS_LIMIT_BYTES
+
+
+def test_cli_fifo_given_directly_does_not_hang(tiny_models, tmp_path):
+    fifo = tmp_path / "x.jpg"
+    os.mkfifo(fifo)
+    code, out, err, _ = run_measured(["-m", "edge", "predict", str(fifo),
+                                      "--model", str(tiny_models["uint8"])], timeout=60)
+    assert code == 3 and "not a regular file" in err and "Traceback" not in err
+
+
+def test_cli_broken_pipe_is_quiet(tiny_models):
+    proc = subprocess.Popen([sys.executable, "-m", "edge", "info", "--model", str(tiny_models["uint8"])],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written, like `| head -0`
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "BrokenPipeError" not in err and "Traceback" not in err, err
+
+
+# --------------------------------------------------------------------------- memory
+WORST_LEGAL = '''
+import importlib, sys
+from PIL import Image
+P = importlib.import_module("edge.preprocess")
+
+def status(key):  # VmRSS now, VmHWM the peak of this process (reset by exec, unlike ru_maxrss)
+    line = next(l for l in open("/proc/self/status") if l.startswith(key))
+    return int(line.split()[1]) * 1024
+
+need = P.peak_bytes(Image.open(sys.argv[1]))
+base = status("VmRSS")
+x = P.preprocess(sys.argv[1])
+print(need, status("VmHWM") - base, x.shape)
+'''
+
+
+def test_worst_legal_image_stays_within_its_memory_estimate(tmp_path):
+    """The most memory-hungry image the limits allow (an RGBA PNG of 25 Mpx in 8 bytes/pixel,
+    right under the 400 MB estimate) decodes within that estimate."""
+    from PIL import Image
+
+    from edge.preprocess import DecodeLimits
+    side = 7000  # 49 Mpx x 8 bytes/pixel = 392 MB <= 400 MB
+    path = tmp_path / "worst.png"
+    Image.new("RGBA", (side, side), (90, 60, 50, 255)).save(path, compress_level=1)
+    r = subprocess.run([sys.executable, "-c", WORST_LEGAL, str(path)], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    need, grew, shape = r.stdout.split(maxsplit=2)
+    assert int(need) <= DecodeLimits().max_decode_bytes and "(224, 224, 3)" in shape
+    print(f"\nworst legal image: estimate {int(need) / 2**20:.0f} MB, measured {int(grew) / 2**20:.0f} MB")
+    assert int(grew) <= int(need) * 1.1
