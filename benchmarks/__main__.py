@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .measure import REPO, bench_keras, bench_tflite, cold_start, file_sizes, machine, peak_gflops, run_child
+from .measure import (REPO, bench_keras, bench_onnx, bench_tflite, cold_start, file_sizes, machine, peak_gflops,
+                      run_child)
 
 MODELS = REPO / "models"
 REPORTS = REPO / "reports"
@@ -39,31 +40,6 @@ def onnx_bench(float_tflite: Path, threads: int, runs: int, warmup: int) -> dict
         if conv.returncode != 0:
             raise RuntimeError("tf2onnx conversion failed: " + conv.stderr.strip().splitlines()[-1])
         return run_child("onnx", path=str(onnx_path), threads=threads, runs=runs, warmup=warmup)
-
-
-def bench_onnx(path: str, threads: int, runs: int, warmup: int) -> dict:
-    import numpy as np
-    import onnxruntime as ort
-    from .measure import latency_stats, peak_rss_mb
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    t0 = time.perf_counter()
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    init_ms = (time.perf_counter() - t0) * 1000
-    inp = sess.get_inputs()[0]
-    x = np.random.default_rng(0).uniform(0, 255, [1 if not isinstance(s, int) else s for s in inp.shape]).astype(np.float32)
-    t0 = time.perf_counter()
-    sess.run(None, {inp.name: x})
-    first_ms = (time.perf_counter() - t0) * 1000
-    for _ in range(warmup):
-        sess.run(None, {inp.name: x})
-    ms = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, {inp.name: x})
-        ms.append((time.perf_counter() - t0) * 1000)
-    return {"init_ms": init_ms, "first_inference_ms": first_ms, "num_threads": threads, "warmup_runs": warmup,
-            **latency_stats(ms), "peak_memory_mb": peak_rss_mb(), "backend": f"onnxruntime {ort.__version__}"}
 
 
 def cold_starts(default_model: Path, image: Path, backbone: str, image_size: int) -> dict:
@@ -241,11 +217,44 @@ def tradeoff_plot(rep: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def merge_latency(old: dict | None, new: dict) -> dict:
+    """The new measurements over the old report: models and baselines measured now replace their
+    old entries, the rest are kept (a one-model run must not erase the six-model report)."""
+    if not old:
+        return new
+    measured = {e["file"] for e in new["models"]}
+    names = {b["name"] for b in new["baselines"]}
+    merged = {**new, "models": [e for e in old.get("models", []) if e["file"] not in measured] + new["models"],
+              "baselines": [b for b in old.get("baselines", []) if b["name"] not in names] + new["baselines"]}
+    if "cold_start" in old and "cold_start" not in new:
+        merged["cold_start"] = old["cold_start"]
+    if old.get("machine") != new["machine"]:
+        merged["note"] = "entries measured on different machines were merged: compare within one machine only"
+    return merged
+
+
 # --------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0],
+                                 epilog="`python -m benchmarks arm64 --help` lists the arm64 check's own options.")
+    ap.add_argument("command", choices=["latency", "tradeoff", "all", "arm64"], help=(
+        "latency: every variant (and baselines); tradeoff: table + Pareto plot from the sidecars and latency.json; "
+        "all: both; arm64: the runner on arm64 under qemu vs x86"))
+    ap.add_argument("--model", type=Path, nargs="+", help="model files (default: every .tflite in models/)")
+    ap.add_argument("--threads", type=int, nargs="+", default=default_threads(),
+                    help=f"interpreter thread counts to measure (default {' '.join(map(str, default_threads()))})")
+    ap.add_argument("--runs", type=int, default=200, help="timed runs per measurement (at least 100; default 200)")
+    ap.add_argument("--warmup", type=int, default=20, help="untimed runs before timing (default 20)")
+    ap.add_argument("--no-baselines", action="store_true", help="skip Keras, ONNX Runtime and cold start")
+    ap.add_argument("--out", type=Path, default=REPORTS,
+                    help="report folder (default reports/); latency.json there is merged, not replaced")
+    return ap
+
+
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    if argv[:1] == ["arm64"]:  # the arm64 emulation check (issue #8), its own flags
+    if argv[:1] == ["arm64"]:  # the arm64 emulation check, its own flags
         from .arm64 import main as arm64_main
         return arm64_main(argv[1:])
     if argv[:1] == ["_child"]:  # internal: one measurement in a fresh process
@@ -254,29 +263,23 @@ def main(argv=None) -> int:
               "keras": lambda: bench_keras(**kw), "onnx": lambda: bench_onnx(**kw)}[kind]
         print(json.dumps(fn()))
         return 0
-    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
-    ap.add_argument("command", choices=["latency", "tradeoff", "all"])
-    ap.add_argument("--model", type=Path, nargs="+", help="model files (default: every .tflite in models/)")
-    ap.add_argument("--threads", type=int, nargs="+", default=default_threads())
-    ap.add_argument("--runs", type=int, default=200, help="timed runs per measurement (at least 100)")
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--no-baselines", action="store_true", help="skip Keras, ONNX Runtime and cold start")
-    ap.add_argument("--out", type=Path, default=REPORTS)
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
     models = args.model or sorted(MODELS.glob("*.tflite"))
     missing = [p for p in models if not p.is_file() or not p.with_suffix(".json").is_file()]
+    if args.runs < 100:
+        print("error: --runs must be at least 100 (percentiles of fewer runs are noise)", file=sys.stderr)
+        return 2
     if not models or missing:
         print(f"error: no model (with sidecar) to benchmark: {missing or MODELS}", file=sys.stderr)
-        return 2
-    if args.runs < 100:
-        print("error: --runs must be at least 100", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     log = lambda s: print(s, flush=True)  # noqa: E731
     latency = None
     if args.command in ("latency", "all"):
+        path = args.out / "latency.json"
         latency = run_latency(models, args.threads, args.runs, args.warmup, not args.no_baselines, log)
-        (args.out / "latency.json").write_text(json.dumps(latency, indent=2) + "\n")
+        latency = merge_latency(json.loads(path.read_text()) if path.is_file() else None, latency)
+        path.write_text(json.dumps(latency, indent=2) + "\n")
         (args.out / "latency.md").write_text(latency_markdown(latency))
         log(f"wrote {args.out / 'latency.md'}")
     if args.command in ("tradeoff", "all"):

@@ -1,7 +1,6 @@
 """Measurement helpers: machine facts, latency statistics, one-model runs in a fresh process."""
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import platform
@@ -69,36 +68,46 @@ def peak_rss_mb() -> float:
 
 
 def file_sizes(path: Path) -> dict:
-    data = Path(path).read_bytes()
-    return {"model_size_bytes": len(data), "model_gzip_bytes": len(gzip.compress(data, 9))}
+    from edge import gzip_size
+    return {"model_size_bytes": Path(path).stat().st_size, "model_gzip_bytes": gzip_size(Path(path))}
+
+
+def time_calls(call, runs: int, warmup: int) -> dict:
+    """The one timing loop: the first call alone, `warmup` untimed calls, then `runs` timed ones."""
+    t0 = time.perf_counter()
+    call()
+    first_ms = (time.perf_counter() - t0) * 1000
+    for _ in range(warmup):
+        call()
+    ms = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        call()
+        ms.append((time.perf_counter() - t0) * 1000)
+    return {"first_inference_ms": first_ms, "warmup_runs": warmup, **latency_stats(ms)}
+
+
+def timed_init(make):
+    """(object, milliseconds) for building a model, interpreter or session."""
+    t0 = time.perf_counter()
+    obj = make()
+    return obj, (time.perf_counter() - t0) * 1000
 
 
 def bench_tflite(path: Path, threads: int, runs: int, warmup: int) -> dict:
     """Load, first inference, then `runs` timed invokes after `warmup` (run in a child process)."""
-    from edge import load_interpreter_class
-    cls, backend = load_interpreter_class()
-    t0 = time.perf_counter()
-    it = cls(model_path=str(path), num_threads=threads)
-    it.allocate_tensors()
-    init_ms = (time.perf_counter() - t0) * 1000
+    from edge import make_interpreter
+    (it, backend), init_ms = timed_init(lambda: make_interpreter(path, threads))
     d = it.get_input_details()[0]
-    x = (np.random.default_rng(0).integers(0, 256, d["shape"]).astype(d["dtype"]) if np.issubdtype(d["dtype"], np.integer)
-         else np.random.default_rng(0).uniform(0, 255, d["shape"]).astype(d["dtype"]))
-    t0 = time.perf_counter()
-    it.set_tensor(d["index"], x)
-    it.invoke()
-    first_ms = (time.perf_counter() - t0) * 1000
-    for _ in range(warmup):
+    rng = np.random.default_rng(0)
+    x = (rng.integers(0, 256, d["shape"]).astype(d["dtype"]) if np.issubdtype(d["dtype"], np.integer)
+         else rng.uniform(0, 255, d["shape"]).astype(d["dtype"]))
+
+    def invoke():
         it.set_tensor(d["index"], x)
         it.invoke()
-    ms = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        it.set_tensor(d["index"], x)
-        it.invoke()
-        ms.append((time.perf_counter() - t0) * 1000)
-    return {"init_ms": init_ms, "first_inference_ms": first_ms, "num_threads": threads, "warmup_runs": warmup,
-            **latency_stats(ms), "peak_memory_mb": peak_rss_mb(), "backend": backend}
+    return {"init_ms": init_ms, "num_threads": threads, **time_calls(invoke, runs, warmup),
+            "peak_memory_mb": peak_rss_mb(), "backend": backend}
 
 
 def bench_keras(backbone: str, image_size: int, threads: int, runs: int, warmup: int) -> dict:
@@ -109,23 +118,24 @@ def bench_keras(backbone: str, image_size: int, threads: int, runs: int, warmup:
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     from train.model import build_classifier
-    t0 = time.perf_counter()
-    model, _ = build_classifier(backbone, image_size, weights=None)
-    init_ms = (time.perf_counter() - t0) * 1000
+    (model, _), init_ms = timed_init(lambda: build_classifier(backbone, image_size, weights=None))
     x = tf.constant(np.random.default_rng(0).uniform(0, 255, (1, image_size, image_size, 3)).astype(np.float32))
-    t0 = time.perf_counter()
-    model(x, training=False)
-    first_ms = (time.perf_counter() - t0) * 1000
-    for _ in range(warmup):
-        model(x, training=False)
-    ms = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        model(x, training=False).numpy()
-        ms.append((time.perf_counter() - t0) * 1000)
-    return {"init_ms": init_ms, "first_inference_ms": first_ms, "num_threads": threads, "warmup_runs": warmup,
-            **latency_stats(ms), "peak_memory_mb": peak_rss_mb(), "backend": f"tensorflow {tf.__version__} (eager)",
-            "macs": count_macs(model)}
+    return {"init_ms": init_ms, "num_threads": threads,
+            **time_calls(lambda: model(x, training=False).numpy(), runs, warmup), "peak_memory_mb": peak_rss_mb(),
+            "backend": f"tensorflow {tf.__version__} (eager)", "macs": count_macs(model)}
+
+
+def bench_onnx(path: str, threads: int, runs: int, warmup: int) -> dict:
+    """ONNX Runtime on a converted copy of the same network (CPU execution provider)."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    sess, init_ms = timed_init(lambda: ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"]))
+    inp = sess.get_inputs()[0]
+    shape = [1 if not isinstance(s, int) else s for s in inp.shape]
+    x = np.random.default_rng(0).uniform(0, 255, shape).astype(np.float32)
+    return {"init_ms": init_ms, "num_threads": threads, **time_calls(lambda: sess.run(None, {inp.name: x}), runs, warmup),
+            "peak_memory_mb": peak_rss_mb(), "backend": f"onnxruntime {ort.__version__}"}
 
 
 def count_macs(model) -> int:

@@ -3,10 +3,10 @@
 Screening aid for research use, not a diagnosis. TensorFlow is never imported here.
 """
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, PreprocessSpec, open_image, preprocess
-from .runner import DEFAULT_MODEL, MODELS_DIR, Classifier, Prediction, load_interpreter_class
-from .sidecar import DISCLAIMER, SidecarError, read_sidecar, sha256_of, write_sidecar
+from .runner import DEFAULT_MODEL, MODELS_DIR, Classifier, Prediction, load_interpreter_class, make_interpreter
+from .sidecar import DISCLAIMER, SidecarError, gzip_size, read_sidecar, sha256_of, write_sidecar
 
 __all__ = ["Classifier", "Prediction", "PreprocessSpec", "ImageError", "SidecarError",
            "preprocess", "open_image", "read_sidecar", "write_sidecar", "sha256_of",
-           "load_interpreter_class", "DEFAULT_MODEL", "MODELS_DIR", "DISCLAIMER",
+           "load_interpreter_class", "make_interpreter", "gzip_size", "DEFAULT_MODEL", "MODELS_DIR", "DISCLAIMER",
            "DEFAULT_MAX_PIXELS"]

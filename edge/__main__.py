@@ -8,9 +8,16 @@ import sys
 from pathlib import Path
 
 from . import DEFAULT_MODEL, DISCLAIMER, Classifier, ImageError, SidecarError
+from .preprocess import FORMAT_NAMES, IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
-EXIT_OK, EXIT_USAGE, EXIT_UNREADABLE = 0, 2, 3
+EXIT_OK, EXIT_USAGE, EXIT_UNREADABLE, EXIT_INTERRUPTED = 0, 2, 3, 130
+PROGRESS_FROM = 20  # a progress bar (stderr, terminals only) for folders of at least this many images
+EXIT_HELP = ("Exit status: 0 when every input was read; 3 when some could not be (each is named on stderr "
+             "as 'skipped: NAME: REASON' and the rest are still predicted); 2 for bad usage (missing or "
+             "mismatched model, no images); 130 when interrupted.")
+NUMBER_HELP = ("P(melanoma) is the model's score from 0 to 1; an image at or above the model's threshold "
+               "(chosen on validation images for 90%% sensitivity, see `info`) is flagged. It is a ranking "
+               "score, not a calibrated probability, and never a diagnosis.")
 
 
 def expand_inputs(paths: list[str]) -> list[Path]:
@@ -32,13 +39,27 @@ def shown(path: Path) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
+def progress(images: list[Path], as_json: bool, err):
+    """The images, wrapped in a tqdm bar on stderr when it is a terminal and the folder is large."""
+    if as_json or len(images) < PROGRESS_FROM or not getattr(err, "isatty", lambda: False)():
+        return images
+    from tqdm import tqdm
+    return tqdm(images, file=err, unit="img", leave=False)
+
+
+def model_fields(clf: Classifier) -> dict:
+    """How every output names the model: the same fields as the API's."""
+    return {"model": clf.meta["model"], "variant": clf.meta["variant"], "model_sha256": clf.meta["sha256"]}
+
+
 def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, err=None) -> int:
     """Predict every image; report unreadable ones and keep going. Returns the exit status."""
     out, err = out or sys.stdout, err or sys.stderr
-    failures = 0
+    width = max([len(shown(p)) for p in images] + [5])
+    flagged = failures = 0
     if not as_json:
-        print(f"{'image':40s} {'P(melanoma)':>11s}  decision (threshold {clf.threshold:.3f})", file=out)
-    for path in images:
+        print(f"{'image':{width}s}  {'P(melanoma)':>11s}  decision (threshold {clf.threshold:.3f})", file=out)
+    for path in progress(images, as_json, err):
         name = shown(path)
         try:
             pred = clf.classify(path)
@@ -48,15 +69,16 @@ def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, er
             if as_json:
                 print(json.dumps({"image": name, "error": e.reason}), file=out)
             continue
+        flagged += pred.melanoma
         if as_json:
-            print(json.dumps({"image": name, **pred.to_dict(), "model": clf.model_path.name,
-                              "disclaimer": DISCLAIMER}), file=out)
+            print(json.dumps({"image": name, **pred.to_dict(), **model_fields(clf), "disclaimer": DISCLAIMER}), file=out)
         else:
-            print(f"{name[-40:]:40s} {pred.probability:11.3f}  {pred.label}", file=out)
+            print(f"{name:{width}s}  {pred.probability:11.3f}  {pred.label}", file=out)
+    summary = (f"{len(images)} images: {len(images) - failures} predicted, {flagged} flagged, "
+               f"{failures} unreadable")
+    print(summary, file=err)
     if not as_json:
         print(f"\n{DISCLAIMER}", file=out)
-    if failures:
-        print(f"{failures} of {len(images)} inputs could not be read", file=err)
     return EXIT_UNREADABLE if failures else EXIT_OK
 
 
@@ -64,16 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m edge", description=(
         "Run the melanoma screening model (.tflite + JSON sidecar) on images. " + DISCLAIMER))
     sub = p.add_subparsers(dest="command", required=True)
-    pr = sub.add_parser("predict", help="classify images or folders of images", epilog=(
-        "Exit status: 0 when every input was read; 3 when some could not be (each is named on "
-        "stderr as 'skipped: NAME: REASON' and the rest are still predicted); 2 for bad usage "
-        "(missing or mismatched model, no images); 130 when interrupted."))
-    pr.add_argument("inputs", nargs="+", help="image files or folders")
+    pr = sub.add_parser("predict", help="classify images or folders of images",
+                        description=f"Classify {FORMAT_NAMES} images. {NUMBER_HELP}", epilog=EXIT_HELP)
+    pr.add_argument("inputs", nargs="+", help="image files or folders (searched recursively for "
+                                              + " ".join(IMAGE_SUFFIXES) + ")")
     info = sub.add_parser("info", help="print the backend, the model spec and the threads")
     for s in (pr, info):
         s.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default {DEFAULT_MODEL.name})")
         s.add_argument("--threads", type=int, default=None, help="interpreter threads (default: runtime's choice)")
-    pr.add_argument("--json", action="store_true", help="one JSON object per image")
+    pr.add_argument("--json", action="store_true", help="one JSON object per image on stdout (no table, no bar)")
     return p
 
 
@@ -88,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def run_cli(argv: list[str] | None = None) -> int:

@@ -49,6 +49,8 @@ ImageSource = Union[str, Path, bytes, io.BytesIO]
 # multi-picture JPEGs many phones write, which Pillow then names "MPO".
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP")
 FORMAT_NAMES = "JPEG, PNG, WebP, TIFF or BMP"
+# File name suffixes of those formats: what a folder of images is searched for.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 
 # About the largest real dermoscope or phone photo (50 Mpx phone sensors: 8160x6144).
 DEFAULT_MAX_PIXELS = 50_000_000

@@ -12,7 +12,9 @@ import numpy as np
 from .preprocess import DEFAULT_MAX_PIXELS, ImageSource, MemoryBudget, preprocess
 from .sidecar import SidecarError, preprocess_spec, read_sidecar
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+# The shipped models: models/ in a checkout, edge/models once installed (pyproject.toml maps it).
+_HERE = Path(__file__).resolve().parent
+MODELS_DIR = next((d for d in (_HERE.parent / "models", _HERE / "models") if d.is_dir()), _HERE.parent / "models")
 DEFAULT_MODEL = MODELS_DIR / "efficientnet_lite0_int8.tflite"
 
 
@@ -36,6 +38,16 @@ def load_interpreter_class():
     except ImportError:
         raise ImportError("no TFLite interpreter found: pip install -r requirements-edge.txt "
                           "(ai-edge-litert)") from None
+
+
+def make_interpreter(model: Path | str | bytes, num_threads: int | None = None):
+    """(allocated interpreter, backend name) for a .tflite path or its bytes: the one place an
+    interpreter is made (runner, export checks, benchmarks)."""
+    cls, backend = load_interpreter_class()
+    source = {"model_content": bytes(model)} if isinstance(model, (bytes, bytearray)) else {"model_path": str(model)}
+    interpreter = cls(**source, num_threads=num_threads)
+    interpreter.allocate_tensors()
+    return interpreter, backend
 
 
 @dataclass(frozen=True)
@@ -75,9 +87,7 @@ class Classifier:
         self.num_threads = num_threads
         self.max_pixels = max_pixels
         self.budget = budget  # shared by the threads that call classify(), if given
-        interpreter_cls, self.backend = load_interpreter_class()
-        self._interpreter = interpreter_cls(model_path=str(self.model_path), num_threads=num_threads)
-        self._interpreter.allocate_tensors()
+        self._interpreter, self.backend = make_interpreter(self.model_path, num_threads)
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
         actual, declared = [int(v) for v in self._input["shape"]], list(self.meta["input"]["shape"])

@@ -1,6 +1,7 @@
 """The JSON sidecar that travels with every .tflite: the single description of a model."""
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 from pathlib import Path
@@ -24,6 +25,11 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def gzip_size(data: bytes | Path) -> int:
+    """Bytes after gzip -9: how small a model file gets on the wire (pruning shows here)."""
+    return len(gzip.compress(Path(data).read_bytes() if isinstance(data, (str, Path)) else data, 9))
 
 
 def sidecar_path(model_path: Path) -> Path:

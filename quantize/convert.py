@@ -13,10 +13,10 @@ from train import tfenv  # noqa: F401
 import tensorflow as tf
 import tf_keras as keras
 
-from edge import DISCLAIMER, write_sidecar
+from edge import DISCLAIMER, make_interpreter, write_sidecar
 from edge.sidecar import sidecar_path
-from edge.preprocess import PreprocessSpec
 from train.backbones import REGISTRY
+from train.config import TrainConfig
 from train.evaluate import choose_threshold, full_report, predict_keras, predict_tflite
 
 VARIANTS = ("float32", "float16", "dynamic", "int8", "pruned_int8")
@@ -62,9 +62,7 @@ def convert(model: keras.Model, variant: str, rep_data=None) -> tuple[bytes, dic
 
 def io_spec(tflite_bytes: bytes) -> tuple[dict, dict]:
     """Input and output tensor specs as the interpreter reports them."""
-    from edge import load_interpreter_class
-    cls, _ = load_interpreter_class()
-    it = cls(model_content=tflite_bytes)
+    it, _ = make_interpreter(tflite_bytes)
 
     def spec(d):
         scale, zp = d["quantization"]
@@ -80,7 +78,7 @@ def export(model_bytes: bytes, out_path: Path, *, backbone: str, variant: str, q
     """Write the .tflite and its sidecar; its threshold and metrics come from this very file."""
     out_path.write_bytes(model_bytes)
     inp, outp = io_spec(model_bytes)
-    spec = PreprocessSpec(size=(cfg["image_size"], cfg["image_size"]), resize=cfg["resize"])
+    spec = TrainConfig.from_dict(cfg).preprocess_spec()
     provisional = {"model": backbone, "variant": variant, "input": inp, "output": outp,
                    "preprocessing": spec.to_dict(), "labels": LABELS, "threshold": 0.5,
                    "metrics": {}, "provenance": {}, "config": cfg}
@@ -131,7 +129,3 @@ def parity_report(preds: pd.DataFrame, keras_probs: np.ndarray) -> dict:
 def keras_predictions(model: keras.Model, rows: pd.DataFrame, pixels) -> np.ndarray:
     keep = rows.index[rows["split"].isin(["val", "test"])].to_numpy()
     return predict_keras(model, pixels, keep)
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")

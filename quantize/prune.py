@@ -1,7 +1,6 @@
 """Magnitude pruning with tensorflow-model-optimization (Keras 2 / tf_keras)."""
 from __future__ import annotations
 
-import gzip
 import tempfile
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
 from train.backbones import block_index
-from train.loop import class_weights, weighted_batches
+from train.batching import batches, class_weights
 from train.model import backbone_layers
 
 PRUNABLE = (keras.layers.Conv2D, keras.layers.Dense)  # DepthwiseConv2D is a Conv2D subclass: excluded below
@@ -55,11 +54,11 @@ def apply_pruning(model: keras.Model, backbone: str, first_block: int, sparsity:
 
 def fine_tune_pruned(pruned: keras.Model, pixels, y: np.ndarray, train_idx: np.ndarray, epochs: int,
                      lr: float, batch: int, seed: int, weighting: str = "balanced") -> None:
-    batches = weighted_batches(pixels, y, train_idx, batch, np.random.default_rng(seed),
-                               class_weights(y[train_idx], weighting), epochs=epochs)
+    stream = batches(pixels, y, train_idx, batch, np.random.default_rng(seed),
+                     class_weights(y[train_idx], weighting), epochs=epochs)
     steps = (len(train_idx) // batch) * epochs
     pruned.compile(keras.optimizers.Adam(lr), "binary_crossentropy")
-    pruned.fit(batches, steps_per_epoch=steps, epochs=1, verbose=2,
+    pruned.fit(stream, steps_per_epoch=steps, epochs=1, verbose=2,
                callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
 
 
@@ -77,16 +76,12 @@ def sparsity_report(model: keras.Model) -> list[dict]:
     return out
 
 
-def gzip_size(data: bytes) -> int:
-    return len(gzip.compress(data, compresslevel=9))
-
-
-def keras_gzip_size(model: keras.Model) -> int:
-    """gzip-compressed size of the model's weights file (what pruning shrinks)."""
+def keras_weight_bytes(model: keras.Model) -> bytes:
+    """The model's weights file as bytes (its gzip size is what pruning shrinks)."""
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "w.h5"
         model.save_weights(str(path))
-        return gzip_size(path.read_bytes())
+        return path.read_bytes()
 
 
-__all__ = ["apply_pruning", "fine_tune_pruned", "strip", "sparsity_report", "gzip_size", "keras_gzip_size"]
+__all__ = ["apply_pruning", "fine_tune_pruned", "strip", "sparsity_report", "keras_weight_bytes"]

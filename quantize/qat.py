@@ -23,7 +23,7 @@ import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 from tensorflow_model_optimization.python.core.quantization.keras import quant_ops
 
-from train.loop import batches as index_batches, class_weights, weighted_batches
+from train.batching import batches, class_weights
 from train.model import augment
 
 SKIP = (keras.layers.Rescaling, keras.layers.InputLayer)
@@ -68,8 +68,8 @@ def range_variables(model: keras.Model) -> dict[str, np.ndarray]:
     return {v.name: v.numpy() for v in model.non_trainable_variables if v.name.endswith(("_min:0", "_max:0"))}
 
 
-def calibrate_ranges(q: keras.Model, batches) -> int:
-    """Set every moving-average range to the mean of per-batch min/max over `batches`.
+def calibrate_ranges(q: keras.Model, stream) -> int:
+    """Set every moving-average range to the mean of per-batch min/max over the `stream` of batches.
 
     Runs the model eagerly in training mode (BatchNorm stays in inference mode: its layers
     are frozen) with decay k/(k+1) at step k, i.e. an exact running mean. Returns the step count.
@@ -77,7 +77,7 @@ def calibrate_ranges(q: keras.Model, batches) -> int:
     decay = [0.0]
     steps = 0
     with ema_decay_override(decay):
-        for x in batches:
+        for x in stream:
             decay[0] = steps / (steps + 1)
             q(x, training=True)
             steps += 1
@@ -92,13 +92,13 @@ def quantize_aware(model: keras.Model, pixels, y: np.ndarray, train_idx: np.ndar
     q = fake_quant_model(model)
     rng = np.random.default_rng(seed)
     cal = np.sort(rng.choice(train_idx, size=min(calibration, len(train_idx)), replace=False))
-    steps = calibrate_ranges(q, (np.asarray(pixels[b], np.float32) for b in index_batches(cal, batch, rng, shuffle=False)))
+    steps = calibrate_ranges(q, (x for x, _, _ in batches(pixels, y, cal, batch, rng, shuffle=False, drop_last=False)))
     pick = rng.permutation(train_idx)[:images]
     batch = min(batch, len(pick))
     g = tf.random.Generator.from_seed(seed)
-    batches = ((augment(x, g), yb, wb) for x, yb, wb in  # the training run's augmentation: no drift to un-augmented data
-               weighted_batches(pixels, y, pick, batch, rng, class_weights(y[train_idx], weighting), epochs=epochs))
+    stream = ((augment(x, g), yb, wb) for x, yb, wb in  # the training run's augmentation: no drift to un-augmented data
+              batches(pixels, y, pick, batch, rng, class_weights(y[train_idx], weighting), epochs=epochs))
     q.compile(keras.optimizers.Adam(lr), "binary_crossentropy")
-    q.fit(batches, steps_per_epoch=len(pick) // batch, epochs=epochs, verbose=2)
+    q.fit(stream, steps_per_epoch=len(pick) // batch, epochs=epochs, verbose=2)
     return q, {"qat_images": len(pick), "qat_lr": lr, "qat_epochs": epochs,
                "range_calibration_images": len(cal), "range_calibration_steps": steps}

@@ -54,8 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from . import create_app
-    from .serving import ServeOptions, make_server
+    try:
+        from . import create_app
+        from .serving import ServeOptions, make_server
+    except ImportError as e:
+        print(f"error: the server needs {e.name}: pip install -r requirements.txt "
+              "(or pip install 'melanoma-screen[server]')", file=sys.stderr)
+        return EXIT_USAGE
     max_upload = int(args.max_upload_mb * 1024 * 1024)
     try:
         app = create_app({"MODEL_PATH": str(args.model), "NUM_THREADS": args.model_threads,

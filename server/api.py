@@ -3,7 +3,7 @@ from flask import Blueprint, jsonify
 
 from edge import DISCLAIMER
 
-from . import classifier, model_card
+from .classifier import get_classifier, model_card
 from .uploads import classify_upload
 
 bp = Blueprint("api", __name__)
@@ -13,7 +13,7 @@ bp = Blueprint("api", __name__)
 def predict():
     """Classify the multipart field `image`; JSON with probability, label, threshold, model, latency."""
     pred = classify_upload()
-    clf = classifier()
+    clf = get_classifier()
     return jsonify({**pred.to_dict(), "model": clf.meta["model"], "variant": clf.meta["variant"],
                     "model_sha256": clf.meta["sha256"], "disclaimer": DISCLAIMER})
 
@@ -27,6 +27,6 @@ def model():
 @bp.get("/healthz")
 def healthz():
     """Ready once the model is loaded; names it by sha256."""
-    clf = classifier()
+    clf = get_classifier()
     return jsonify({"status": "ok", "model": clf.model_path.name, "sha256": clf.meta["sha256"],
                     "backend": clf.backend})

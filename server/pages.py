@@ -1,9 +1,10 @@
 """HTML pages: the upload form, the result page and the tradeoff report."""
+import json
 from pathlib import Path
 
 from flask import Blueprint, abort, current_app, render_template, send_from_directory
 
-from . import classifier, load_tradeoffs
+from .classifier import get_classifier
 from .uploads import classify_upload
 
 bp = Blueprint("pages", __name__)
@@ -11,13 +12,18 @@ REPORT_FILES = {"tradeoff.png", "tradeoff.md", "tradeoff.json", "latency.md", "l
 
 
 def model_summary() -> dict:
-    meta = classifier().meta
+    meta = get_classifier().meta
     policy = meta.get("threshold_policy", {})
     test = meta.get("metrics", {}).get("test", {}).get("all", {})
     return {"model": meta["model"], "variant": meta["variant"], "threshold": meta["threshold"],
             "val_sensitivity": policy.get("val_sensitivity"), "val_specificity": policy.get("val_specificity"),
             "test_auc": test.get("roc_auc"), "test_sensitivity": test.get("sensitivity"),
             "test_specificity": test.get("specificity")}
+
+
+def load_tradeoffs(reports_dir: Path) -> dict | None:
+    path = Path(reports_dir) / "tradeoff.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 @bp.get("/")

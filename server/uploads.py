@@ -7,7 +7,7 @@ from flask import Request, abort, request
 
 from edge import ImageError, Prediction
 
-from . import classifier
+from .classifier import get_classifier
 
 
 class InMemoryRequest(Request):
@@ -31,6 +31,6 @@ def read_upload(field: str = "image") -> bytes:
 def classify_upload() -> Prediction:
     data = read_upload()
     try:
-        return classifier().classify(data)  # decodes share the app's MemoryBudget
+        return get_classifier().classify(data)  # decodes share the app's MemoryBudget
     except ImageError as e:
         abort(400, f"not a usable image: {e.reason}")

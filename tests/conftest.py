@@ -134,7 +134,7 @@ def tiny_train_config(data_dir: Path, out: Path, cache: Path, **over):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A complete (tiny) training run on synthetic images: the run folder."""
-    from train.loop import run
+    from train.pipeline import run
     root = tmp_path_factory.mktemp("run")
     data = write_isic_csv(root / "isic", 48, 3)
     run(tiny_train_config(data, root / "out", root / "cache"), log=lambda m: None)

@@ -36,9 +36,36 @@ def test_latency_and_tradeoff_reports(tiny_models, tmp_path):
     assert (out / "tradeoff.png").stat().st_size > 1000 and "Pareto" in (out / "tradeoff.md").read_text()
 
 
-def test_refuses_too_few_runs_and_missing_models(tmp_path, capsys):
-    assert main(["latency", "--runs", "10", "--model", str(tmp_path / "x.tflite")]) == 2
+def test_refuses_too_few_runs_and_missing_models(tiny_models, tmp_path, capsys):
+    assert main(["latency", "--runs", "10", "--model", str(tiny_models["uint8"]), "--out", str(tmp_path)]) == 2
+    assert "--runs must be at least 100" in capsys.readouterr().err
+    assert not (tmp_path / "latency.json").exists()
     assert main(["latency", "--model", str(tmp_path / "x.tflite")]) == 2
+    assert "no model" in capsys.readouterr().err
+
+
+def test_latency_report_is_merged_not_replaced(tiny_models, tmp_path):
+    """Measuring one model keeps the other models' entries of the existing report."""
+    common = ["--threads", "1", "--runs", "100", "--warmup", "2", "--no-baselines", "--out", str(tmp_path)]
+    assert main(["latency", "--model", str(tiny_models["uint8"]), str(tiny_models["float32"]), *common]) == 0
+    first = json.loads((tmp_path / "latency.json").read_text())
+    assert main(["latency", "--model", str(tiny_models["uint8"]), *common]) == 0
+    merged = json.loads((tmp_path / "latency.json").read_text())
+    assert sorted(e["file"] for e in merged["models"]) == sorted(e["file"] for e in first["models"])
+    fresh = next(e for e in merged["models"] if e["file"] == tiny_models["uint8"].name)
+    old = next(e for e in first["models"] if e["file"] == tiny_models["uint8"].name)
+    assert fresh["by_threads"]["1"]["latency_ms_p50"] != old["by_threads"]["1"]["latency_ms_p50"]  # re-measured
+
+
+def test_help_lists_every_command_and_option(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "arm64" in text
+    for flag in ("--threads", "--warmup", "--out", "--runs"):
+        line = next(line for line in text.splitlines() if line.strip().startswith(flag))
+        assert len(line.split(flag, 1)[1].strip()) > 10 or flag in text.split(line)[1][:200]
 
 
 def test_mac_count_of_a_known_layer_stack():

@@ -120,15 +120,51 @@ def test_cli_json_and_exit_codes(tiny_models, images_dir, capsys):
     bad = [r for r in records if "error" in r]
     assert len(ok) == 3 and len(bad) == 2
     for r in ok:
-        assert {"image", "probability", "label", "threshold", "model"} <= set(r)
+        assert {"image", "probability", "label", "threshold", "model", "variant", "model_sha256"} <= set(r)
         assert r["label"] in ("melanoma", "not melanoma")
-    assert "broken.jpg" in err and "text.png" in err and "2 of 5 inputs could not be read" in err
+        assert (r["model"], r["variant"]) == ("tiny", "int8")  # the API's fields, not the file name
+    assert "skipped: " in err and "broken.jpg" in err and "text.png" in err
+    assert err.strip().endswith("5 images: 3 predicted, 0 flagged, 2 unreadable")
 
 
 def test_cli_table_all_readable(tiny_models, images_dir, capsys):
     assert edge_main(["predict", str(images_dir / "ok0.jpg"), "--model", str(tiny_models["float32"])]) == 0
     out = capsys.readouterr().out
     assert "ok0.jpg" in out and "not a diagnosis" in out
+
+
+def test_cli_table_shows_whole_paths(tiny_models, tmp_path, capsys):
+    deep = tmp_path / ("a_rather_long_folder_name_" * 3) / "nested"
+    deep.mkdir(parents=True)
+    lesion_image(0).save(deep / "lesion_with_a_long_name.jpg")
+    assert edge_main(["predict", str(tmp_path), "--model", str(tiny_models["uint8"])]) == 0
+    out, err = capsys.readouterr()
+    assert str(deep / "lesion_with_a_long_name.jpg") in out  # not cut to 40 characters
+    assert "1 images: 1 predicted" in err
+
+
+def test_cli_progress_bar_only_on_terminals(tiny_models, tmp_path):
+    import io
+    from edge.__main__ import PROGRESS_FROM, progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    images = [tmp_path / f"{i}.jpg" for i in range(PROGRESS_FROM)]
+    assert progress(images, False, io.StringIO()) is images  # a pipe or file: no bar
+    assert progress(images, True, Terminal()) is images  # --json: no bar
+    few = images[:-1]
+    assert progress(few, False, Terminal()) is few  # a few images: no bar
+    bar = progress(images, False, Terminal())
+    assert bar is not images and list(bar) == images
+
+
+def test_cli_help_documents_exit_codes_and_the_number(capsys):
+    with pytest.raises(SystemExit):
+        edge_main(["predict", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Exit status: 0" in text and "3 when some could not be" in text and "130" in text
+    assert "ranking score" in text and "threshold" in text
 
 
 def test_cli_usage_errors(tiny_models, tmp_path, capsys):

