@@ -14,22 +14,38 @@ EXIT_OK, EXIT_USAGE, EXIT_UNREADABLE, EXIT_INTERRUPTED = 0, 2, 3, 130
 PROGRESS_FROM = 20  # a progress bar (stderr, terminals only) for folders of at least this many images
 EXIT_HELP = ("Exit status: 0 when every input was read; 3 when some could not be (each is named on stderr "
              "as 'skipped: NAME: REASON' and the rest are still predicted); 2 for bad usage (missing or "
-             "mismatched model, no images); 130 when interrupted.")
+             "mismatched model, no images) or results that cannot be written; 130 when interrupted.")
 NUMBER_HELP = ("P(melanoma) is the model's score from 0 to 1; an image at or above the model's threshold "
                "(chosen on validation images for 90%% sensitivity, see `info`) is flagged. It is a ranking "
                "score, not a calibrated probability, and never a diagnosis.")
 
 
-def expand_inputs(paths: list[str]) -> list[Path]:
+def image_files(folder: Path, err) -> list[Path]:
+    """Image files below `folder`, sorted. An explicit stack, not recursion (Path.rglob and, before
+    Python 3.12, os.walk recurse: a folder 1,000 deep overflowed them); links to folders are not
+    followed, and a folder that cannot be listed is named and skipped."""
+    found, stack = [], [folder]
+    while stack:
+        current = stack.pop()
+        try:
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(Path(entry.path))
+                    elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                        found.append(Path(entry.path))  # FIFOs, links and the like too: the decoder names them
+        except OSError as e:
+            print(f"skipped: {shown(current)}: cannot be listed ({e.strerror or e})", file=err)
+    return sorted(found)
+
+
+def expand_inputs(paths: list[str], err=None) -> list[Path]:
     """Files as given; folders expand to the image files inside them (sorted, recursive).
     Whatever is not a regular file (a FIFO named x.jpg, a socket, a broken link) is kept, so
     that the decoder names it and skips it instead of blocking on it."""
     out: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and not f.is_dir())
-        else:
-            out.append(p)
+        out += image_files(p, err or sys.stderr) if p.is_dir() else [p]
     return out
 
 
@@ -74,11 +90,10 @@ def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, er
             print(json.dumps({"image": name, **pred.to_dict(), **model_fields(clf), "disclaimer": DISCLAIMER}), file=out)
         else:
             print(f"{name:{width}s}  {pred.probability:11.3f}  {pred.label}", file=out)
-    summary = (f"{len(images)} images: {len(images) - failures} predicted, {flagged} flagged, "
-               f"{failures} unreadable")
-    print(summary, file=err)
     if not as_json:
-        print(f"\n{DISCLAIMER}", file=out)
+        print(f"\n{DISCLAIMER}", file=out, flush=True)
+    print(f"{len(images)} image{'s' * (len(images) != 1)}: {len(images) - failures} predicted, {flagged} flagged, "
+          f"{failures} unreadable", file=err)
     return EXIT_UNREADABLE if failures else EXIT_OK
 
 
@@ -108,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         # Python would report the broken pipe again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except OSError as e:  # stdout on a full disk, a closed terminal, ...
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"error: cannot write the results ({e.strerror or e})", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 

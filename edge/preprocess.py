@@ -52,8 +52,8 @@ FORMAT_NAMES = "JPEG, PNG, WebP, TIFF or BMP"
 # File name suffixes of those formats: what a folder of images is searched for.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 
-# About the largest real dermoscope or phone photo (50 Mpx phone sensors: 8160x6144).
-DEFAULT_MAX_PIXELS = 50_000_000
+# Above the largest real dermoscope or phone photo (50 Mpx phone sensors: 8160x6144, 8192x6144).
+DEFAULT_MAX_PIXELS = 52_000_000
 
 RESIZE_POLICIES = ("squash", "center_crop")
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -87,6 +87,7 @@ class DecodeLimits:
     max_side: int = 20_000  # longest side in pixels
     max_aspect: float = 8.0  # longest / shortest side; a lesion photo is never a strip
     max_decode_bytes: int = 400 * 2**20  # estimated peak memory of one decode (see peak_bytes)
+    max_jpeg_scans: int = 200  # progressive JPEGs: libjpeg decodes every scan, even bogus repeats
     max_file_bytes: int = 256 * 1024 * 1024  # files read from disk (uploads are capped by the server)
 
 
@@ -125,8 +126,11 @@ def read_source(source: ImageSource, limits: DecodeLimits) -> tuple[str, io.Byte
         if not source:
             raise ImageError("upload", "empty file (0 bytes)")
         return "upload", io.BytesIO(source)
-    if not isinstance(source, (str, Path)):
-        return "upload", source
+    if not isinstance(source, (str, Path)):  # a file object: read it whole, within the limit
+        data = source.read(limits.max_file_bytes + 1)
+        if len(data) > limits.max_file_bytes:
+            raise ImageError("upload", f"over the limit of {limits.max_file_bytes / 2**20:.0f} MB")
+        return read_source(bytes(data), limits)
     name = str(source)
     try:
         st = os.stat(source)
@@ -150,9 +154,22 @@ def read_source(source: ImageSource, limits: DecodeLimits) -> tuple[str, io.Byte
         raise ImageError(name, f"cannot be read ({e.strerror or 'access error'})") from None
 
 
-def peak_bytes(img: Image.Image) -> int:
-    """Estimated peak memory of decoding and shrinking `img` at its current (draft) size."""
+def peak_bytes(img: Image.Image, full_size: tuple[int, int] | None = None) -> int:
+    """Estimated peak memory of decoding and shrinking `img` at its current (draft) size.
+    `full_size` is the size before JPEG draft mode: a progressive JPEG keeps every DCT
+    coefficient of the full image (2 bytes each, per component) whatever the output scale."""
     w, h = img.size
+    extra = 0
+    if img.format in ("JPEG", "MPO") and (img.info.get("progressive") or img.info.get("progression")):
+        fw, fh = full_size or img.size
+        extra = fw * fh * 2 * len(img.getbands())
+    if img.format == "TIFF":  # libtiff allocates whole tiles, whatever the image size says
+        tile = img.tag_v2.get(322, 0) * img.tag_v2.get(323, 0)
+        extra = tile * _peak_per_pixel(img)
+    return w * h * _peak_per_pixel(img) + extra
+
+
+def _peak_per_pixel(img: Image.Image) -> int:
     per_pixel = _PEAK_BYTES_PER_PIXEL.get(img.mode, 4)
     if img.format == "WEBP":
         per_pixel = _WEBP_PEAK_BYTES_PER_PIXEL
@@ -161,7 +178,7 @@ def peak_bytes(img: Image.Image) -> int:
         bits = sum(bits) if isinstance(bits, tuple) else int(bits)
         if bits > 32:
             per_pixel += -(-int(bits) // 8)
-    return w * h * per_pixel
+    return per_pixel
 
 
 class MemoryBudget:
@@ -198,11 +215,27 @@ def check_header(img: Image.Image, name: str, limits: DecodeLimits) -> None:
     if max(w, h) / min(w, h) > limits.max_aspect:
         raise ImageError(name, f"{w}x{h} pixels is not a photo of a lesion (sides more than "
                          f"{limits.max_aspect:g} to 1)")
+    if img.format == "TIFF":
+        tw, th = img.tag_v2.get(322, 0), img.tag_v2.get(323, 0)
+        if tw > _ceil16(w) or th > _ceil16(h):
+            raise ImageError(name, f"its TIFF tiles ({tw}x{th}) are larger than the image ({w}x{h})")
 
 
-def check_memory(img: Image.Image, name: str, limits: DecodeLimits) -> int:
+def _ceil16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def check_scans(stream: io.BytesIO, img: Image.Image, name: str, limits: DecodeLimits) -> None:
+    """A progressive JPEG with thousands of (repeated) scans keeps a core busy for minutes."""
+    if img.format in ("JPEG", "MPO"):
+        scans = stream.getvalue().count(b"\xff\xda")  # SOS markers (0xFF is byte-stuffed in scan data)
+        if scans > limits.max_jpeg_scans:
+            raise ImageError(name, f"a JPEG with {scans} scans (a photo has at most a few dozen)")
+
+
+def check_memory(img: Image.Image, name: str, limits: DecodeLimits, full_size=None) -> int:
     """Refuse an image whose decode would need more than the limit; return the estimate."""
-    need = peak_bytes(img)
+    need = peak_bytes(img, full_size)
     if need > limits.max_decode_bytes:
         w, h = img.size
         raise ImageError(name, f"{w}x{h} pixels in this format and bit depth would need over "
@@ -236,9 +269,14 @@ def orientation(img: Image.Image) -> Image.Transpose | None:
         return None
 
 
-def check_complete(img: Image.Image, name: str) -> None:
+def check_complete(img: Image.Image, name: str, file_bytes: int, full_size: tuple[int, int]) -> None:
     """A JPEG whose header claims more rows than its data holds is padded by libjpeg with flat
-    grey (128) and no error; refuse it instead of classifying the padding."""
+    grey (128) and no error. Refuse it when both show: the bottom rows are exactly that grey,
+    and the file is too short to hold the declared image (Huffman coding needs at least one bit
+    per 8x8 block of luma, even for a blank frame)."""
+    blocks = -(-full_size[0] // 8) * -(-full_size[1] // 8)
+    if file_bytes * 8 >= blocks:
+        return
     a = np.asarray(img)
     tail = a[-max(1, a.shape[0] // 8):]
     if (tail == 128).all() and not (a == 128).all():
@@ -261,16 +299,18 @@ def open_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(stream, formats=ALLOWED_FORMATS) as img:
                 check_header(img, name, limits)
+                check_scans(stream, img, name, limits)
+                full_size = img.size
                 if draft_size is not None and img.format in ("JPEG", "MPO"):
                     img.draft("RGB", (draft_size[1] * 2, draft_size[0] * 2))
-                need = check_memory(img, name, limits)
+                need = check_memory(img, name, limits, full_size)
                 with budget.reserve(need) if budget is not None else nullcontext():
                     img.load()
                     is_jpeg, mode, turn = img.format in ("JPEG", "MPO"), img.mode, orientation(img)
                     out = shrink(img, draft_size)
                     out = to_rgb(out.transpose(turn) if turn is not None else out, name, source_mode=mode)
         if is_jpeg:
-            check_complete(out, name)
+            check_complete(out, name, len(stream.getbuffer()), full_size)
         return out
     except ImageError:
         raise

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import threading
+from contextlib import contextmanager
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +47,28 @@ def make_interpreter(model: Path | str | bytes, num_threads: int | None = None):
     interpreter is made (runner, export checks, benchmarks)."""
     cls, backend = load_interpreter_class()
     source = {"model_content": bytes(model)} if isinstance(model, (bytes, bytearray)) else {"model_path": str(model)}
-    interpreter = cls(**source, num_threads=num_threads)
-    interpreter.allocate_tensors()
+    with quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on every start
+        interpreter = cls(**source, num_threads=num_threads)
+        interpreter.allocate_tensors()
     return interpreter, backend
+
+
+@contextmanager
+def quiet_stderr():
+    """Mute file descriptor 2 (the runtime's C++ notices bypass Python); errors still raise."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 at all
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model-threads", type=positive(int), default=2, help="TFLite interpreter threads (default 2)")
     ap.add_argument("--max-upload-mb", type=positive(float), default=10, help="upload size limit (default 10 MB)")
     ap.add_argument("--client-grace", type=positive(float), default=10.0, help=(
-        "seconds any request may take to arrive; after that a client sending under 2 KB/s is "
-        "disconnected, so slow or stalled clients cannot hold connections (default 10)"))
+        "seconds any request may take to start arriving; after that each such window must bring "
+        "2 KB/s or the client is disconnected (and no request may take over 120 s), so slow or "
+        "stalled clients cannot hold connections (default 10)"))
     ap.add_argument("--debug", action="store_true", help="Flask's development server with debug (never in production)")
     return ap
 

@@ -21,7 +21,10 @@ def init_app(app: Flask) -> None:
 
 
 def same_origin(url: str) -> bool:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. "http://[" (an unclosed IPv6 literal): not this site
+        return False
     return parts.netloc == request.host or f"{parts.scheme}://{parts.netloc}" in current_app.config["TRUSTED_ORIGINS"]
 
 

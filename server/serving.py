@@ -7,8 +7,11 @@ What waitress does by default, and what is changed here (see the README's "Limit
   (plus room for the multipart envelope), so an oversized `Content-Length` is answered with 413
   before the body is read, and a chunked body is cut off once it passes the limit.
 - Its timeout counts inactivity only, so a client sending a byte a second holds a connection
-  for ever: `GuardedChannel` records when each request started, and `drop_slow_clients` closes
-  any connection whose request has run past `request_grace_s` at under `min_rate_bytes_s`.
+  for ever: `GuardedChannel` records when each request started and how much of it arrived, and
+  `drop_slow_clients` closes a connection whose request, after `request_grace_s`, receives
+  under `min_rate_bytes_s` over a grace-long window (a fast start buys no time), or is still
+  arriving after `request_timeout_s`; and when the unfinished requests together hold more than
+  `max_buffered_bytes`, the largest are dropped until they fit.
 - Its own error answers (413, 400, 431) are plain text: `FriendlyErrorTask` answers JSON under
   /api/ and a short page elsewhere, in the app's words.
 """
@@ -41,22 +44,28 @@ class ServeOptions:
     port: int = 8000  # TCP port
     threads: int = 4  # worker threads (requests handled at once)
     max_upload_bytes: int = 10 * 1024 * 1024  # the app's upload limit
-    connection_limit: int = 500  # open connections before new ones wait (waitress: 100)
+    connection_limit: int = 200  # open connections before new ones wait (waitress: 100)
     channel_timeout_s: int = 30  # idle keep-alive connections are closed after this
     request_grace_s: float = 10.0  # any request may take this long, whatever its rate
-    min_rate_bytes_s: int = 2048  # after the grace, a request must average at least this
+    min_rate_bytes_s: int = 2048  # after the grace, each grace-long window must bring at least this rate
+    request_timeout_s: float = 120.0  # no request may take longer to arrive (10 MB at 0.7 Mbit/s)
+    max_buffered_bytes: int = 256 * 2**20  # all unfinished request bodies together
 
     @property
     def max_body_bytes(self) -> int:
         return self.max_upload_bytes + FORM_OVERHEAD_BYTES
 
 
-def user_message(code: int, max_upload_bytes: int) -> str:
+def user_message(code: int, max_upload_bytes: int) -> tuple[int, str]:
+    """(status, message) for waitress's own errors. Its 501 (a Transfer-Encoding other than
+    chunked) is the client's doing: answered 400, so no request gets a 5xx."""
     if code == 413:
-        return f"upload too large: the limit is {max_upload_bytes / 2**20:g} MB"
+        return 413, f"upload too large: the limit is {max_upload_bytes / 2**20:g} MB"
     if code == 431:
-        return "request headers too large"
-    return "the request could not be understood"
+        return 431, "request headers too large"
+    if code == 501:
+        return 400, "unsupported Transfer-Encoding: send the image as multipart/form-data"
+    return code, "the request could not be understood"
 
 
 def error_task_class(max_upload_bytes: int) -> type[ErrorTask]:
@@ -65,17 +74,17 @@ def error_task_class(max_upload_bytes: int) -> type[ErrorTask]:
     class FriendlyErrorTask(ErrorTask):
         def execute(self):
             error = self.request.error
-            message = user_message(error.code, max_upload_bytes)
+            status, message = user_message(error.code, max_upload_bytes)
             path = getattr(self.request, "path", "") or ""
             if path.startswith("/api/") or path == "/healthz":
-                body = json.dumps({"error": message, "status": error.code}).encode()
+                body = json.dumps({"error": message, "status": status}).encode()
                 ctype = "application/json"
             else:
-                body = (f"<!doctype html><meta charset='utf-8'><title>Error {error.code}</title>"
+                body = (f"<!doctype html><meta charset='utf-8'><title>Error {status}</title>"
                         f"<p>{escape(message)}</p><p><a href='/'>Back to the upload form</a></p>"
                         f"<p>{escape(DISCLAIMER)}</p>").encode()
                 ctype = "text/html; charset=utf-8"
-            self.status = f"{error.code} {error.reason}"
+            self.status = f"{status} {'Bad Request' if status != error.code else error.reason}"
             self.response_headers.extend([("Content-Type", ctype), *ERROR_HEADERS])
             self.set_close_on_finish()
             self.content_length = len(body)
@@ -89,10 +98,13 @@ class GuardedChannel(HTTPChannel):
 
     request_started: float | None = None
     request_bytes = 0
+    window_start = 0.0  # the rate window: when it began and the request's bytes then
+    window_bytes = 0
 
     def received(self, data):
         if self.request is None:  # these bytes begin a new request
-            self.request_started, self.request_bytes = time.monotonic(), 0
+            now = time.monotonic()
+            self.request_started, self.request_bytes, self.window_start, self.window_bytes = now, 0, now, 0
         self.request_bytes += len(data)
         done = super().received(data)
         if self.request is None:  # the request is complete (or failed): stop the clock
@@ -100,19 +112,33 @@ class GuardedChannel(HTTPChannel):
         return done
 
 
+def too_slow(channel, options: ServeOptions, now: float) -> bool:
+    """Past the deadline, or under the minimum rate over the last grace-long window."""
+    elapsed = now - channel.request_started
+    if elapsed > options.request_timeout_s:
+        return True
+    if elapsed <= options.request_grace_s or now - channel.window_start < options.request_grace_s:
+        return False
+    rate = (channel.request_bytes - channel.window_bytes) / (now - channel.window_start)
+    channel.window_start, channel.window_bytes = now, channel.request_bytes
+    return rate < options.min_rate_bytes_s
+
+
 def drop_slow_clients(server: BaseWSGIServer, options: ServeOptions, now: float | None = None) -> int:
-    """Close connections whose unfinished request is past the grace and under the minimum rate."""
+    """Close slow or stalled uploads, then the largest ones while all together hold too much."""
     now = time.monotonic() if now is None else now
-    dropped = 0
-    for channel in list(server.active_channels.values()):
-        started = getattr(channel, "request_started", None)
-        if started is None or channel.will_close:
-            continue
-        elapsed = now - started
-        if elapsed > options.request_grace_s and channel.request_bytes < options.min_rate_bytes_s * elapsed:
-            channel.will_close = True
-            dropped += 1
-    return dropped
+    reading = [c for c in list(server.active_channels.values())
+               if getattr(c, "request_started", None) is not None and not c.will_close]
+    dropped = [c for c in reading if too_slow(c, options, now)]
+    rest = sorted((c for c in reading if c not in dropped), key=lambda c: c.request_bytes)
+    held = sum(c.request_bytes for c in rest)
+    while rest and held > options.max_buffered_bytes:
+        largest = rest.pop()
+        held -= largest.request_bytes
+        dropped.append(largest)
+    for channel in dropped:
+        channel.will_close = True
+    return len(dropped)
 
 
 def guard(server: BaseWSGIServer, options: ServeOptions) -> None:

@@ -83,6 +83,25 @@ def truncations(valid: dict[str, bytes]) -> dict[str, bytes]:
     return out
 
 
+def tiff_with_tile(width: int, height: int, tile: int) -> bytes:
+    """A little-endian greyscale TIFF of one deflate tile of tile x tile zero bytes."""
+    data = zeros_stream(tile * tile)
+    tags = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 8), (262, 3, 1), (277, 3, 1),
+            (322, 4, tile), (323, 4, tile), (324, 4, 0), (325, 4, len(data))]
+    ifd_offset = 8
+    data_offset = ifd_offset + 2 + 12 * len(tags) + 4
+    entries = b"".join(struct.pack("<HHII", tag, kind, 1, data_offset if tag == 324 else value)
+                       for tag, kind, value in tags)
+    return b"II*\x00" + struct.pack("<I", ifd_offset) + struct.pack("<H", len(tags)) + entries + bytes(4) + data
+
+
+def repeat_last_scan(jpeg: bytes, times: int) -> bytes:
+    """A progressive JPEG with its last scan (SOS segment and data) repeated `times` times."""
+    start = jpeg.rfind(b"\xff\xda")
+    scan = jpeg[start:-2]  # up to the EOI marker
+    return jpeg[:-2] + scan * times + b"\xff\xd9"
+
+
 def header_sizes() -> dict[str, bytes]:
     """Real files whose declared dimensions are patched to huge, zero or absurd values."""
     out = {}
@@ -116,6 +135,11 @@ def header_sizes() -> dict[str, bytes]:
             if pos > 0:
                 t[pos + 2:pos + 12] = struct.pack("<HII", 4, 1, value)
         out[f"hdr_tiff_{w}x{h}.tif"] = bytes(t)
+    # TIFF whose one tile is far larger than the image (libtiff allocates the whole tile)
+    out["hdr_tiff_huge_tile.tif"] = tiff_with_tile(64, 64, 16384)
+    # Progressive JPEG with thousands of repeated scans (libjpeg decodes each one)
+    prog = save(lesion(18, size=(64, 64)), "JPEG", progressive=True)
+    out["hdr_jpeg_20000_scans.jpg"] = repeat_last_scan(prog, 20000)
     # WebP extended header declaring a 16384 x 16384 canvas around a small VP8L image
     lossless = save(small, "WEBP", lossless=True)
     vp8x = b"VP8X" + struct.pack("<I", 10) + b"\x00\x00\x00\x00" + (16383).to_bytes(3, "little") * 2

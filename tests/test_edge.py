@@ -140,7 +140,7 @@ def test_cli_table_shows_whole_paths(tiny_models, tmp_path, capsys):
     assert edge_main(["predict", str(tmp_path), "--model", str(tiny_models["uint8"])]) == 0
     out, err = capsys.readouterr()
     assert str(deep / "lesion_with_a_long_name.jpg") in out  # not cut to 40 characters
-    assert "1 images: 1 predicted" in err
+    assert "1 image: 1 predicted" in err
 
 
 def test_cli_progress_bar_only_on_terminals(tiny_models, tmp_path):

@@ -273,6 +273,61 @@ def test_slow_clients_do_not_block_service(real_server):
             s.close()
 
 
+def test_fast_start_then_trickle_is_dropped(real_server):
+    """A fast first megabyte buys no time: after the grace the rate is measured per window."""
+    s = raw_request(real_server.port, f"POST /api/v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                      "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 2000000\r\n\r\n",
+                    bytes(1_000_000))
+    t0, closed = time.monotonic(), False
+    s.settimeout(0.5)
+    while time.monotonic() - t0 < 12 and not closed:
+        try:
+            s.send(b"x")
+            closed = s.recv(1024) == b""
+        except socket.timeout:
+            pass
+        except OSError:
+            closed = True
+    s.close()
+    assert closed and time.monotonic() - t0 < 9  # grace 2 s + one 2 s window + the 1 s sweep
+
+
+def test_slow_client_rules():
+    """The sweep's rules on their own: deadline, windowed rate, and the cap on held bytes."""
+    from types import SimpleNamespace
+
+    from server.serving import ServeOptions, drop_slow_clients
+    opts = ServeOptions(request_grace_s=10, min_rate_bytes_s=1000, request_timeout_s=100, max_buffered_bytes=10**7)
+
+    def channel(started, nbytes, window_start=None, window_bytes=0):
+        return SimpleNamespace(request_started=started, request_bytes=nbytes, will_close=False,
+                               window_start=started if window_start is None else window_start, window_bytes=window_bytes)
+    chans = {"young": channel(95, 10), "fast": channel(80, 30000), "stalled": channel(80, 100),
+             "old": channel(-1, 10**6, window_start=99, window_bytes=0), "done": channel(None, 0)}
+    drop_slow_clients(SimpleNamespace(active_channels=chans), opts, now=100)
+    assert {k for k, c in chans.items() if c.will_close} == {"stalled", "old"}
+    assert chans["fast"].window_start == 100 and chans["fast"].window_bytes == 30000  # a new window begins
+    chans["fast"].request_bytes = 35000  # 5000 bytes in the next 10 s: under 1000 B/s
+    drop_slow_clients(SimpleNamespace(active_channels=chans), opts, now=110)
+    assert chans["fast"].will_close
+    big = {f"c{i}": channel(99, 2000) for i in range(4)}  # 8000 bytes held > 5000
+    capped = ServeOptions(request_grace_s=10, min_rate_bytes_s=1000, max_buffered_bytes=5000)
+    drop_slow_clients(SimpleNamespace(active_channels=big), capped, now=100)
+    assert sum(c.will_close for c in big.values()) == 2
+
+
+def test_protocol_oddities_get_4xx(real_server):
+    image = jpeg_bytes(lesion_image(5))
+    for bad in ({"Origin": "http://["}, {"Referer": "http://[::1/"}):
+        status, body, _ = real_server.post("/api/v1/predict", image, headers=bad)
+        assert status == 403, (bad, status, body[:200])
+    s = raw_request(real_server.port, "POST /api/v1/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n"
+                                      "Content-Length: 5\r\n\r\nhello")
+    response = read_response(s)
+    s.close()
+    assert response.startswith(b"HTTP/1.1 400") and b"Transfer-Encoding" in response, response[:300]
+
+
 def test_security_headers_and_cross_site_posts(real_server):
     status, body, headers = real_server.get("/")
     assert status == 200
@@ -432,3 +487,29 @@ def test_worst_legal_image_stays_within_its_memory_estimate(tmp_path):
     assert int(need) <= DecodeLimits().max_decode_bytes and "(224, 224, 3)" in shape
     print(f"\nworst legal image: estimate {int(need) / 2**20:.0f} MB, measured {int(grew) / 2**20:.0f} MB")
     assert int(grew) <= int(need) * 1.1
+
+
+def test_cli_deep_folders_and_unwritable_output(tiny_models, tmp_path):
+    """A folder 1,100 levels deep is walked (no recursion limit); a full disk on stdout is one line."""
+    deep = tmp_path / "deep"
+    os.makedirs(deep)
+    fd = os.open(deep, os.O_RDONLY)
+    try:  # build it relative to a descriptor: the whole path is longer than PATH_MAX
+        for _ in range(1100):
+            os.mkdir("a", dir_fd=fd)
+            nxt = os.open("a", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        with os.fdopen(os.open("x.jpg", os.O_WRONLY | os.O_CREAT, dir_fd=fd), "wb") as f:
+            f.write(jpeg_bytes(lesion_image(9)))
+    finally:
+        os.close(fd)
+    code, out, err, _ = run_measured(["-m", "edge", "predict", str(deep), "--model", str(tiny_models["uint8"])],
+                                     timeout=120)
+    assert code in (0, 3) and "Traceback" not in err and "1 image" in err, err[-2000:]
+    if Path("/dev/full").exists():
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([sys.executable, "-m", "edge", "predict", str(REPO / "tests" / "fixtures" / "lesion.jpg"),
+                                "--model", str(tiny_models["uint8"])], cwd=REPO, stdout=full, stderr=subprocess.PIPE,
+                               text=True, timeout=60)
+        assert r.returncode == 2 and "cannot write the results" in r.stderr and "Traceback" not in r.stderr

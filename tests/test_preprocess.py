@@ -131,3 +131,34 @@ def test_fuzzed_inputs_decode_or_raise_image_error():
     """A short run of the fuzz property (tests/fuzz_open_image.py runs it for minutes)."""
     from .fuzz_open_image import fuzz
     fuzz(examples=300, seed=0)
+
+
+def test_largest_phone_photos_are_accepted():
+    """A 50 Mpx sensor (8192 x 6144) is under the pixel limit (a flat frame: quick to encode)."""
+    img = Image.new("RGB", (8192, 6144), (180, 120, 100))
+    assert preprocess(jpeg_bytes(img, quality=50)).shape == (224, 224, 3)
+
+
+def test_grey_band_in_a_real_photo_is_not_mistaken_for_missing_data():
+    a = np.asarray(Image.effect_noise((600, 480), 60).convert("RGB")).copy()
+    a[-80:] = 128  # the bottom sixth exactly mid-grey, as libjpeg pads a short file
+    assert preprocess(jpeg_bytes(Image.fromarray(a), quality=100)).shape == (224, 224, 3)
+
+
+def test_jpeg_claiming_more_rows_than_it_holds_is_refused():
+    import struct
+    data = bytearray(jpeg_bytes(lesion_image(3, size=(16, 16))))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", 4000, 6000)
+    with pytest.raises(ImageError, match="less image data than its header declares"):
+        preprocess(bytes(data))
+
+
+def test_progressive_jpeg_memory_counts_full_size_coefficients():
+    from edge.preprocess import peak_bytes
+    img = lesion_image(4, size=(800, 600))
+    base = Image.open(io.BytesIO(jpeg_bytes(img)))
+    prog = Image.open(io.BytesIO(jpeg_bytes(img, progressive=True)))
+    for im in (base, prog):
+        im.draft("RGB", (100, 100))
+    assert peak_bytes(prog, (800, 600)) - peak_bytes(base, (800, 600)) == 800 * 600 * 2 * 3

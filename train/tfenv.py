@@ -16,15 +16,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep C++ info logs out of 
 def import_tensorflow_quietly() -> None:
     if "tensorflow" in sys.modules:
         return
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
+    from edge.runner import quiet_stderr
+    with quiet_stderr():
         import tensorflow as tf
         tf.config.list_physical_devices("GPU")  # CUDA is probed (and complains) here, once
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
     tf.get_logger().setLevel(logging.ERROR)  # e.g. "compiled metrics have yet to be built" after load_model
 
 
