@@ -18,11 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from edge import MODELS_DIR
+from train.config import WORKSPACE
+
 from .measure import (REPO, bench_keras, bench_onnx, bench_tflite, cold_start, file_sizes, machine, peak_gflops,
                       run_child)
 
-MODELS = REPO / "models"
-REPORTS = REPO / "reports"
+MODELS = MODELS_DIR  # models/ in a checkout, edge/models when installed
+REPORTS = WORKSPACE / "reports"
 
 
 def default_threads() -> list[int]:
@@ -235,8 +238,10 @@ def merge_latency(old: dict | None, new: dict) -> dict:
 
 # --------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0],
-                                 epilog="`python -m benchmarks arm64 --help` lists the arm64 check's own options.")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="`python -m benchmarks arm64 --help` lists the arm64 check's own options. "
+                                        "Exit status: 0 reports written, 2 bad usage (no model, too few runs).")
     ap.add_argument("command", choices=["latency", "tradeoff", "all", "arm64"], help=(
         "latency: every variant (and baselines); tradeoff: table + Pareto plot from the sidecars and latency.json; "
         "all: both; arm64: the runner on arm64 under qemu vs x86"))

@@ -98,7 +98,8 @@ def compare(x86: dict, arm: dict, tolerance: float) -> dict:
 def main(argv=None) -> int:
     import argparse
     from edge import read_sidecar
-    ap = argparse.ArgumentParser(prog="python -m benchmarks arm64", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks arm64", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=REPO / "models" / "efficientnet_lite0_int8.tflite")
     ap.add_argument("--images", type=Path, nargs="+", default=[REPO / "tests" / "fixtures"])
     ap.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="where the arm64 userland is built")

@@ -11,13 +11,14 @@ from . import DEFAULT_MODEL, DISCLAIMER, Classifier, ImageError, SidecarError
 from .preprocess import FORMAT_NAMES, IMAGE_SUFFIXES
 
 EXIT_OK, EXIT_USAGE, EXIT_UNREADABLE, EXIT_INTERRUPTED = 0, 2, 3, 130
-PROGRESS_FROM = 20  # a progress bar (stderr, terminals only) for folders of at least this many images
+PROGRESS_FROM = 20  # a progress bar (stderr, terminals only) from this many images
 EXIT_HELP = ("Exit status: 0 when every input was read; 3 when some could not be (each is named on stderr "
              "as 'skipped: NAME: REASON' and the rest are still predicted); 2 for bad usage (missing or "
              "mismatched model, no images) or results that cannot be written; 130 when interrupted.")
-NUMBER_HELP = ("P(melanoma) is the model's score from 0 to 1; an image at or above the model's threshold "
-               "(chosen on validation images for 90%% sensitivity, see `info`) is flagged. It is a ranking "
-               "score, not a calibrated probability, and never a diagnosis.")
+NUMBER_HELP = ("The number is P(melanoma), calibrated on validation images when the model's sidecar carries a "
+               "calibration (the table's column says 'P(melanoma)'), else the model's raw ranking score ('score'); "
+               "an image at or above the model's threshold (chosen on validation images for 90 percent "
+               "sensitivity, see `info`) is flagged. It is never a diagnosis.")
 
 
 def image_files(folder: Path, err) -> list[Path]:
@@ -46,7 +47,7 @@ def expand_inputs(paths: list[str], err=None) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         out += image_files(p, err or sys.stderr) if p.is_dir() else [p]
-    return out
+    return list(dict.fromkeys(out))  # an image named twice (a file and its folder) is predicted once
 
 
 def shown(path: Path) -> str:
@@ -68,17 +69,18 @@ def model_fields(clf: Classifier) -> dict:
     return {"model": clf.meta["model"], "variant": clf.meta["variant"], "model_sha256": clf.meta["sha256"]}
 
 
-def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, err=None) -> int:
+def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, err=None, tta: bool = False) -> int:
     """Predict every image; report unreadable ones and keep going. Returns the exit status."""
     out, err = out or sys.stdout, err or sys.stderr
     width = max([len(shown(p)) for p in images] + [5])
     flagged = failures = 0
     if not as_json:
-        print(f"{'image':{width}s}  {'P(melanoma)':>11s}  decision (threshold {clf.threshold:.3f})", file=out)
+        column = "P(melanoma)" if clf.calibration is not None else "score"
+        print(f"{'image':{width}s}  {column:>11s}  decision (threshold {clf.threshold:.3f})", file=out)
     for path in progress(images, as_json, err):
         name = shown(path)
         try:
-            pred = clf.classify(path)
+            pred = clf.classify(path, tta=tta)
         except ImageError as e:
             failures += 1
             print(f"skipped: {name}: {e.reason}", file=err)
@@ -87,7 +89,8 @@ def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, er
             continue
         flagged += pred.melanoma
         if as_json:
-            print(json.dumps({"image": name, **pred.to_dict(), **model_fields(clf), "disclaimer": DISCLAIMER}), file=out)
+            print(json.dumps({"image": name, **pred.to_dict(), "tta": tta, **model_fields(clf), "disclaimer": DISCLAIMER}),
+                  file=out)
         else:
             print(f"{name:{width}s}  {pred.probability:11.3f}  {pred.label}", file=out)
     if not as_json:
@@ -99,7 +102,7 @@ def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, er
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m edge", description=(
-        "Run the melanoma screening model (.tflite + JSON sidecar) on images. " + DISCLAIMER))
+        "Run the melanoma screening model (.tflite + JSON sidecar) on images. " + DISCLAIMER), epilog=EXIT_HELP)
     sub = p.add_subparsers(dest="command", required=True)
     pr = sub.add_parser("predict", help="classify images or folders of images",
                         description=f"Classify {FORMAT_NAMES} images. {NUMBER_HELP}", epilog=EXIT_HELP)
@@ -110,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default {DEFAULT_MODEL.name})")
         s.add_argument("--threads", type=int, default=None, help="interpreter threads (default: runtime's choice)")
     pr.add_argument("--json", action="store_true", help="one JSON object per image on stdout (no table, no bar)")
+    pr.add_argument("--tta", action="store_true", help=(
+        "test-time augmentation: average the 8 flips/rotations (8x the inference time; the threshold and "
+        "calibration were fitted without it)"))
     return p
 
 
@@ -148,7 +154,7 @@ def run_cli(argv: list[str] | None = None) -> int:
     if not images:
         print("error: no images found in the given inputs", file=sys.stderr)
         return EXIT_USAGE
-    return run_predict(clf, images, args.json)
+    return run_predict(clf, images, args.json, tta=args.tta)
 
 
 if __name__ == "__main__":

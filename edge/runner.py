@@ -73,16 +73,31 @@ def quiet_stderr():
 
 @dataclass(frozen=True)
 class Prediction:
-    probability: float  # P(melanoma) from the model, 0..1
-    melanoma: bool  # probability >= threshold
+    probability: float  # P(melanoma): calibrated when `calibrated`, else the raw score
+    melanoma: bool  # at or above the threshold
     label: str  # "melanoma" or "not melanoma"
-    threshold: float  # the shipped decision threshold
+    threshold: float  # the shipped decision threshold, in the same units as `probability`
     latency_ms: float  # interpreter time for this image (no decoding)
+    score: float = float("nan")  # the model's raw output, 0..1 (what the sidecar's threshold is on)
+    calibrated: bool = False  # `probability` went through the sidecar's calibration
 
     def to_dict(self) -> dict:
-        return {"probability": round(self.probability, 6), "label": self.label,
-                "melanoma": self.melanoma, "threshold": self.threshold,
-                "latency_ms": round(self.latency_ms, 3)}
+        return {"probability": round(self.probability, 6), "calibrated": self.calibrated,
+                "score": round(self.score, 6), "label": self.label, "melanoma": self.melanoma,
+                "threshold": round(self.threshold, 6), "latency_ms": round(self.latency_ms, 3)}
+
+
+def platt(score, a: float, b: float):
+    """Platt scaling: sigmoid(a * logit(score) + b), the calibration a sidecar may carry.
+    Scores are clipped to [1e-4, 1 - 1e-4] first (an int8 output can be exactly 0 or 1)."""
+    s = np.clip(np.asarray(score, dtype=np.float64), 1e-4, 1 - 1e-4)
+    return 1.0 / (1.0 + np.exp(-(a * np.log(s / (1 - s)) + b)))
+
+
+def dihedral_views(x: np.ndarray) -> list[np.ndarray]:
+    """The 8 flips/rotations of a square (H, W, C) array; the first is `x` itself."""
+    turns = [np.rot90(x, k, axes=(0, 1)) for k in range(4)]
+    return turns + [t[:, ::-1] for t in turns]
 
 
 def quantize(x: np.ndarray, dtype: np.dtype, scale: float, zero_point: int) -> np.ndarray:
@@ -103,7 +118,9 @@ class Classifier:
         self.model_path = Path(model_path)
         self.meta = read_sidecar(self.model_path)  # raises SidecarError on a mismatch
         self.spec = preprocess_spec(self.meta)
-        self.threshold = float(self.meta["threshold"])
+        self.calibration = self.meta.get("calibration")  # Platt scaling fitted on validation, if any
+        self.score_threshold = float(self.meta["threshold"])  # on the raw score, chosen on validation
+        self.threshold = self.to_probability(self.score_threshold)
         self.labels = list(self.meta["labels"])
         self.num_threads = num_threads
         self.max_pixels = max_pixels
@@ -145,13 +162,26 @@ class Classifier:
             ms = (time.perf_counter() - t0) * 1000
         return self._postprocess(y), ms
 
-    def classify(self, source: ImageSource) -> Prediction:
-        """Image path/bytes -> Prediction. Raises edge.ImageError for unreadable input."""
+    def predict_tta(self, x: np.ndarray) -> tuple[float, float]:
+        """Test-time augmentation: the mean score over the 8 flips and 90-degree rotations of
+        the array (a lesion has no up or left), and the summed interpreter milliseconds."""
+        runs = [self.predict_array(np.ascontiguousarray(v)) for v in dihedral_views(x)]
+        return float(np.mean([r[0] for r in runs])), float(sum(r[1] for r in runs))
+
+    def classify(self, source: ImageSource, tta: bool = False) -> Prediction:
+        """Image path/bytes -> Prediction (with `tta`, 8 invokes averaged). Raises
+        edge.ImageError for unreadable input."""
         x = preprocess(source, self.spec, max_pixels=self.max_pixels, budget=self.budget)
-        p, ms = self.predict_array(x)
-        melanoma = p >= self.threshold
-        return Prediction(probability=p, melanoma=melanoma, label=self.labels[int(melanoma)],
-                          threshold=self.threshold, latency_ms=ms)
+        score, ms = self.predict_tta(x) if tta else self.predict_array(x)
+        melanoma = score >= self.score_threshold  # the same decision as probability >= threshold
+        return Prediction(probability=self.to_probability(score), melanoma=melanoma, label=self.labels[int(melanoma)],
+                          threshold=self.threshold, latency_ms=ms, score=score, calibrated=self.calibration is not None)
+
+    def to_probability(self, score: float) -> float:
+        """The calibrated probability of a raw score (the score itself without calibration)."""
+        if self.calibration is None:
+            return float(score)
+        return float(platt(score, self.calibration["a"], self.calibration["b"]))
 
     def describe(self) -> dict:
         """A short summary for `python -m edge info` and the server."""
@@ -163,5 +193,6 @@ class Classifier:
                 "input_dtype": np.dtype(self._input["dtype"]).name,
                 "input_quantization": {"scale": float(q[0]), "zero_point": int(q[1])},
                 "output_dtype": np.dtype(self._output["dtype"]).name,
-                "threshold": self.threshold, "labels": self.labels,
+                "threshold": self.threshold, "score_threshold": self.score_threshold,
+                "calibration": self.calibration, "labels": self.labels,
                 "preprocessing": self.meta["preprocessing"]}

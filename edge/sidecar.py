@@ -86,6 +86,10 @@ def check_sidecar(meta, path: Path) -> None:
     threshold = meta["threshold"]
     if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 <= threshold <= 1):
         bad("threshold", f"must be a number from 0 to 1, found {threshold!r}")
+    cal = meta.get("calibration")
+    if cal is not None and not (isinstance(cal, dict) and cal.get("method") == "platt"
+                                and all(isinstance(cal.get(k), (int, float)) for k in ("a", "b")) and cal["a"] > 0):
+        bad("calibration", f"must be {{'method': 'platt', 'a': > 0, 'b': number}} or absent, found {cal!r}")
     for key in ("sha256", "model", "variant"):
         if not isinstance(meta[key], str):
             bad(key, "must be a string")

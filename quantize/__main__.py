@@ -4,6 +4,7 @@
     python -m quantize convert --run runs/efficientnet_lite0 --variants int8 float16 ...   # -> <run>/export
     python -m quantize all     --run runs/efficientnet_lite0 --out models --force  # re-ship every variant
     python -m quantize card                                                 # MODEL_CARD.md from the sidecars
+    python -m quantize calibrate models/*.tflite        # Platt calibration of exported files (on validation)
 
 Each .tflite gets a JSON sidecar with its threshold (chosen on validation with this very file)
 and its test metrics computed through the edge runner. Files that exist (the shipped models
@@ -18,11 +19,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from edge import MODELS_DIR  # numpy and Pillow only
+from train.config import WORKSPACE  # no TensorFlow
+
 VARIANTS = ("float32", "float16", "dynamic", "int8", "pruned_int8")
 PTQ_CHOSEN = ("post-training int8 requested with --int8-method ptq; the default (auto) uses quantization-aware "
               "training for backbones tfmot supports")
 EXIT_OK, EXIT_USAGE = 0, 2
+EXIT_TEXT = "Exit status: 0 done, 2 bad usage (no trained run, files exist without --force, missing packages)."
 
 
 def log(msg: str) -> None:
@@ -143,34 +147,65 @@ def convert(run: Run, variants: list[str], out_dir: Path, calibration: int, prun
     return results
 
 
+def recalibrate(model: Path, threads: int = 2) -> dict:
+    """Fit Platt calibration for an exported file on its own validation split (rebuilt from the
+    config in its sidecar, and checked: same split counts, same validated threshold), and
+    rewrite its sidecar with the calibration and the calibrated test metrics."""
+    from edge import read_sidecar, write_sidecar
+    from train.evaluate import choose_threshold, full_report, predict_tflite
+    from train.rundir import load_sidecar_data
+    from . import convert as C
+    meta = read_sidecar(model)
+    rows, pixels, cfg = load_sidecar_data(model)
+    keep = rows.index[rows["split"].isin(["val", "test"])].to_numpy()
+    preds = rows.loc[keep, ["image", "source", "split", "target"]].assign(
+        probability=predict_tflite(model, pixels, keep, threads))
+    if choose_threshold(preds, cfg.target_sensitivity)["threshold"] != meta["threshold"]:
+        raise ValueError(f"{model.name}: its validation predictions do not give its own threshold")
+    calibrated, cal = C.calibrate(preds, meta["threshold"])
+    report = full_report(calibrated, cal.get("probability_threshold", meta["threshold"]), cfg.bootstrap, cfg.seed)
+    meta = {k: v for k, v in meta.items() if k not in ("calibration", "calibration_skipped", "file", "sha256",
+                                                         "size_bytes", "schema_version")}
+    meta["metrics"] = {**meta["metrics"], **report}
+    meta["calibration" if cal.get("method") == "platt" else "calibration_skipped"] = cal
+    write_sidecar(model, meta)
+    log(f"{model.name}: Platt a={cal.get('a', float('nan')):.3f} b={cal.get('b', float('nan')):.3f}; "
+        f"test ECE {cal.get('ece', {}).get('test_before', float('nan')):.3f} -> "
+        f"{cal.get('ece', {}).get('test_after', float('nan')):.3f}")
+    return cal
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m quantize", description=__doc__.split("\n")[0],
-                                 epilog="Exit status: 0 done, 2 bad usage (no run, files exist without --force).")
+    ap = argparse.ArgumentParser(prog="python -m quantize", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_TEXT)
     sub = ap.add_subparsers(dest="command", required=True)
-    cmds = {c: sub.add_parser(c, help=h) for c, h in (("prune", "prune the run's model (pruned.h5)"),
+    cmds = {c: sub.add_parser(c, help=h, description=h[0].upper() + h[1:] + ".", epilog=EXIT_TEXT,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter) for c, h in (("prune", "prune the run's model (pruned.h5)"),
                                                      ("convert", "export .tflite variants with sidecars"),
                                                      ("all", "prune, then export every variant"),
-                                                     ("card", "render MODEL_CARD.md from the sidecars"))}
-    cmds["card"].add_argument("--models", type=Path, default=REPO / "models", help="folder of sidecars (default models/)")
-    cmds["card"].add_argument("--out", type=Path, default=REPO / "MODEL_CARD.md", help="output (default MODEL_CARD.md)")
+                                                     ("card", "render MODEL_CARD.md from the sidecars"),
+                                                     ("calibrate", "fit Platt calibration of exported files"))}
+    cmds["calibrate"].add_argument("models", type=Path, nargs="+", help=".tflite files with sidecars (rewritten)")
+    cmds["card"].add_argument("--models", type=Path, default=MODELS_DIR, help="folder of sidecars")
+    cmds["card"].add_argument("--out", type=Path, default=WORKSPACE / "MODEL_CARD.md", help="the card to write")
     for name in ("prune", "convert", "all"):
         p = cmds[name]
         p.add_argument("--run", type=Path, required=True, help="run folder from python -m train")
         if name in ("prune", "all"):
-            p.add_argument("--sparsity", type=float, default=0.5, help="target sparsity (default 0.5)")
-            p.add_argument("--prune-epochs", type=int, default=1, help="fine-tune epochs while pruning (default 1)")
-            p.add_argument("--prune-lr", type=float, default=5e-5, help="fine-tune learning rate (default 5e-5)")
+            p.add_argument("--sparsity", type=float, default=0.5, help="target sparsity")
+            p.add_argument("--prune-epochs", type=int, default=1, help="fine-tune epochs while pruning")
+            p.add_argument("--prune-lr", type=float, default=5e-5, help="fine-tune learning rate")
         if name in ("convert", "all"):
             add_convert_flags(p)
     return ap
 
 
 def add_convert_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, help="output folder (default <run>/export; models/ holds the shipped files)")
+    p.add_argument("--out", type=Path, help="output folder; None: <run>/export (models/ holds the shipped files)")
     p.add_argument("--force", action="store_true", help="replace .tflite/.json files that already exist in --out")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="what to export (default all)")
-    p.add_argument("--calibration", type=int, default=300, help="training images for int8 calibration (>= 200)")
-    p.add_argument("--report", type=Path, help="JSON summary of the exported files (default <run>/export_report.json)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="what to export")
+    p.add_argument("--calibration", type=int, default=300, help="training images for int8 calibration (at least 200)")
+    p.add_argument("--report", type=Path, help="JSON summary of the exported files; None: <run>/export_report.json")
     p.add_argument("--int8-method", choices=["auto", "qat", "ptq"], default="auto",
                    help="auto (default): quantization-aware training where tfmot supports the backbone "
                         "(efficientnet_lite0, mobilenet_v2), post-training int8 otherwise (MobileNetV3). "
@@ -201,8 +236,16 @@ def usage_problem(args, backbone: str | None = None) -> str | None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "card":
-        from .card import main as card_main
-        return card_main(["--models", str(args.models), "--out", str(args.out)])
+        try:
+            from .card import write_card
+        except ImportError as e:
+            print(f"error: the model card needs {e.name}: pip install -r requirements.txt (or '.[all]')", file=sys.stderr)
+            return EXIT_USAGE
+        return write_card(args.models, args.out)
+    if args.command == "calibrate":
+        for model in args.models:
+            recalibrate(model)
+        return EXIT_OK
     if args.command != "prune":
         args.out = args.out or args.run / "export"
     problem = usage_problem(args)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-REPO = Path(__file__).resolve().parent.parent
 DEFAULT = "efficientnet_lite0_int8.tflite"
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -25,9 +24,15 @@ def ci(m: dict) -> str:
     return f"{f(m['roc_auc'])} ({f(interval[0])}-{f(interval[1])})" if interval else f(m.get("roc_auc"))
 
 
+class CardError(ValueError):
+    """No sidecar of the default model in the folder."""
+
+
 def render(models_dir: Path) -> str:
-    metas = [json.loads(p.read_text()) for p in sorted(models_dir.glob("*.json"))]
-    d = next(m for m in metas if m["file"] == DEFAULT)
+    metas = [json.loads(p.read_text()) for p in sorted(Path(models_dir).glob("*.json"))]
+    d = next((m for m in metas if m.get("file") == DEFAULT), None)
+    if d is None:
+        raise CardError(f"no sidecar of {DEFAULT} in {models_dir}")
     env = Environment(loader=FileSystemLoader(TEMPLATES), undefined=StrictUndefined, keep_trailing_newline=True)
     env.globals.update(f=f, ci=ci, basename=lambda p: Path(p).name)
     return env.get_template("model_card.md.j2").render(
@@ -36,12 +41,13 @@ def render(models_dir: Path) -> str:
         pol=d["threshold_policy"], pre=d["preprocessing"], q=d["quantization"], lineage=d.get("training_lineage"))
 
 
-def main(argv=None) -> int:
-    import argparse
-    ap = argparse.ArgumentParser(prog="python -m quantize card", description=__doc__.split("\n")[0])
-    ap.add_argument("--models", type=Path, default=REPO / "models", help="folder of sidecars (default models/)")
-    ap.add_argument("--out", type=Path, default=REPO / "MODEL_CARD.md", help="where to write (default MODEL_CARD.md)")
-    args = ap.parse_args(argv)
-    args.out.write_text(render(args.models))
-    print(f"wrote {args.out}")
+def write_card(models_dir: Path, out: Path) -> int:
+    """Render and write the card; 2 with a one-line message when the folder has no default model."""
+    import sys
+    try:
+        out.write_text(render(models_dir))
+    except CardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
     return 0

@@ -94,12 +94,15 @@ def export(model_bytes: bytes, out_path: Path, *, backbone: str, variant: str, q
         raise
     preds = rows.loc[keep, ["image", "source", "split", "target"]].assign(probability=probs)
     threshold = choose_threshold(preds, cfg["target_sensitivity"])
-    report = full_report(preds, threshold["threshold"], cfg["bootstrap"], cfg["seed"])
+    calibrated, calibration = calibrate(preds, threshold["threshold"])
+    report = full_report(calibrated, calibration.get("probability_threshold", threshold["threshold"]),
+                         cfg["bootstrap"], cfg["seed"])
     parity = parity_report(preds, keras_probs)
     meta = {
         "model": backbone, "variant": variant, "input": inp, "output": outp,
         "preprocessing": {**spec.to_dict(), "normalization": REGISTRY[backbone][1].input_scaling},
         "labels": LABELS, "threshold": threshold["threshold"], "threshold_policy": threshold,
+        **({"calibration": calibration} if calibration.get("method") == "platt" else {"calibration_skipped": calibration}),
         "quantization": quantization,
         "metrics": {"computed_with": "this .tflite file through edge.Classifier", **report,
                     "parity_vs_keras_float": parity, "evaluation_seconds": round(time.time() - t0, 1)},
@@ -112,6 +115,28 @@ def export(model_bytes: bytes, out_path: Path, *, backbone: str, variant: str, q
     }
     write_sidecar(out_path, meta)
     return meta
+
+
+def calibrate(preds: pd.DataFrame, score_threshold: float) -> tuple[pd.DataFrame, dict]:
+    """Platt scaling fitted on the validation rows of `preds` (raw scores of this file); returns
+    the predictions as calibrated probabilities and what the sidecar records. The test rows are
+    only measured (their ECE before and after)."""
+    from edge.runner import platt
+    from train.metrics import calibration as ece_of, fit_platt
+    val, test = preds["split"] == "val", preds["split"] == "test"
+    fit = fit_platt(preds.loc[val, "target"], preds.loc[val, "probability"])
+    if fit["a"] <= 0:  # a score that does not rank the validation set: leave it uncalibrated
+        return preds, {"reason": f"Platt fit on validation gave slope {fit['a']:.3f} <= 0"}
+    p = platt(preds["probability"], fit["a"], fit["b"])
+    ece = {f"{name}_{when}": ece_of(preds.loc[m, "target"].to_numpy(), q[m.to_numpy()])["ece"]
+           for name, m in (("val", val), ("test", test)) if m.any()
+           for when, q in (("before", preds["probability"].to_numpy()), ("after", p))}
+    return preds.assign(probability=p), {
+        **fit, "fitted_on": "validation split", "n": int(val.sum()), "ece": ece,
+        "score_threshold": float(score_threshold),
+        "probability_threshold": float(platt(score_threshold, fit["a"], fit["b"])),
+        "applies": "P(melanoma) = sigmoid(a * logit(score) + b), score clipped to [1e-4, 1 - 1e-4]; "
+                   "the decision stays score >= threshold (the same images)"}
 
 
 def parity_report(preds: pd.DataFrame, keras_probs: np.ndarray) -> dict:

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         "seconds any request may take to start arriving; after that each such window must bring "
         "2 KB/s or the client is disconnected (and no request may take over 120 s), so slow or "
         "stalled clients cannot hold connections (default 10)"))
+    ap.add_argument("--tta", action="store_true", help=(
+        "test-time augmentation: average 8 flips/rotations per upload (8x the inference time)"))
     ap.add_argument("--debug", action="store_true", help="Flask's development server with debug (never in production)")
     return ap
 
@@ -56,16 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from . import create_app
+        from .app import create_app
         from .serving import ServeOptions, make_server
     except ImportError as e:
-        print(f"error: the server needs {e.name}: pip install -r requirements.txt "
-              "(or pip install 'melanoma-screen[server]')", file=sys.stderr)
+        print(f"error: the server needs {e.name}: from a checkout, pip install -r requirements.txt "
+              "or pip install '.[server]'", file=sys.stderr)
         return EXIT_USAGE
     max_upload = int(args.max_upload_mb * 1024 * 1024)
     try:
         app = create_app({"MODEL_PATH": str(args.model), "NUM_THREADS": args.model_threads,
-                          "MAX_CONTENT_LENGTH": max_upload})
+                          "MAX_CONTENT_LENGTH": max_upload, "TTA": args.tta})
     except (SidecarError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,5 +1,5 @@
 """JSON API: /api/v1/predict, /api/v1/model, /healthz."""
-from flask import Blueprint, jsonify
+from flask import Blueprint, current_app, jsonify
 
 from edge import DISCLAIMER
 
@@ -14,8 +14,8 @@ def predict():
     """Classify the multipart field `image`; JSON with probability, label, threshold, model, latency."""
     pred = classify_upload()
     clf = get_classifier()
-    return jsonify({**pred.to_dict(), "model": clf.meta["model"], "variant": clf.meta["variant"],
-                    "model_sha256": clf.meta["sha256"], "disclaimer": DISCLAIMER})
+    return jsonify({**pred.to_dict(), "tta": current_app.config["TTA"], "model": clf.meta["model"],
+                    "variant": clf.meta["variant"], "model_sha256": clf.meta["sha256"], "disclaimer": DISCLAIMER})
 
 
 @bp.get("/api/v1/model")

@@ -18,6 +18,29 @@ def get_classifier() -> Classifier:
     return current_app.extensions["classifier"]
 
 
+# Config fields that name folders or files of the machine the model was trained on.
+PATH_FIELDS = ("data", "cache_dir", "out", "init_from", "weights")
+
+
 def model_card() -> dict:
-    """The served model's sidecar (spec, metrics, provenance)."""
-    return get_classifier().meta
+    """The served model's sidecar (spec, metrics, provenance), with the training machine's
+    paths cut to their last part: a public page has no business showing them."""
+    meta = get_classifier().meta
+
+    def short(v):
+        if isinstance(v, list):
+            return [short(x) for x in v]
+        return v.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] if isinstance(v, str) and "/" in v else v
+
+    def scrub(cfg: dict) -> dict:
+        return {k: short(v) if k in PATH_FIELDS else v for k, v in cfg.items()}
+    card = {**meta, "config": scrub(meta.get("config", {}))}
+    if isinstance(meta.get("training_lineage"), dict):
+        lineage = meta["training_lineage"]
+        card["training_lineage"] = {**lineage, "run": short(lineage.get("run")),
+                                    "config": scrub(lineage.get("config") or {})}
+    prov = meta.get("provenance", {})
+    if isinstance(prov.get("datasets"), list):
+        card["provenance"] = {**prov, "datasets": [{**d, "path": short(d.get("path"))} if isinstance(d, dict) else d
+                                                   for d in prov["datasets"]]}
+    return card

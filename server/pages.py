@@ -12,13 +12,18 @@ REPORT_FILES = {"tradeoff.png", "tradeoff.md", "tradeoff.json", "latency.md", "l
 
 
 def model_summary() -> dict:
-    meta = get_classifier().meta
+    clf = get_classifier()
+    meta = clf.meta
     policy = meta.get("threshold_policy", {})
-    test = meta.get("metrics", {}).get("test", {}).get("all", {})
-    return {"model": meta["model"], "variant": meta["variant"], "threshold": meta["threshold"],
+    tests = meta.get("metrics", {}).get("test", {})
+    test = tests.get("all", {})
+    per_source = [{"source": k, "n": v.get("n"), "sensitivity": v.get("sensitivity"), "specificity": v.get("specificity")}
+                  for k, v in tests.items() if k != "all" and isinstance(v, dict) and v.get("sensitivity") is not None]
+    return {"model": meta["model"], "variant": meta["variant"], "threshold": clf.threshold,
+            "calibrated": clf.calibration is not None,
             "val_sensitivity": policy.get("val_sensitivity"), "val_specificity": policy.get("val_specificity"),
             "test_auc": test.get("roc_auc"), "test_sensitivity": test.get("sensitivity"),
-            "test_specificity": test.get("specificity")}
+            "test_specificity": test.get("specificity"), "per_source": per_source}
 
 
 def load_tradeoffs(reports_dir: Path) -> dict | None:

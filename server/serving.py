@@ -101,6 +101,13 @@ class GuardedChannel(HTTPChannel):
     window_start = 0.0  # the rate window: when it began and the request's bytes then
     window_bytes = 0
 
+    def send_continue(self):
+        """No "100 Continue" for a request already refused (e.g. a Content-Length over the
+        limit): the client would send the whole body before it reads the 413."""
+        if self.request is not None and self.request.error is not None:
+            return
+        super().send_continue()
+
     def received(self, data):
         if self.request is None:  # these bytes begin a new request
             now = time.monotonic()

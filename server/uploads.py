@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 
-from flask import Request, abort, request
+from flask import Request, abort, current_app, request
 
 from edge import ImageError, Prediction
 
@@ -31,6 +31,6 @@ def read_upload(field: str = "image") -> bytes:
 def classify_upload() -> Prediction:
     data = read_upload()
     try:
-        return get_classifier().classify(data)  # decodes share the app's MemoryBudget
+        return get_classifier().classify(data, tta=current_app.config["TTA"])  # decodes share the MemoryBudget
     except ImageError as e:
         abort(400, f"not a usable image: {e.reason}")

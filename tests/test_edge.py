@@ -79,6 +79,8 @@ BAD_SIDECARS = {  # how the sidecar is damaged -> the field the message must nam
     "preprocessing null": (lambda m: {**m, "preprocessing": None}, "'preprocessing'"),
     "bad resize": (lambda m: {**m, "preprocessing": {**m["preprocessing"], "resize": "stretch"}}, "'preprocessing'"),
     "size mismatch": (lambda m: {**m, "preprocessing": {**m["preprocessing"], "size": [64, 64]}}, "'preprocessing.size'"),
+    "calibration slope 0": (lambda m: {**m, "calibration": {"method": "platt", "a": 0, "b": 1}}, "'calibration'"),
+    "calibration unknown": (lambda m: {**m, "calibration": {"method": "isotonic"}}, "'calibration'"),
 }
 
 
@@ -164,7 +166,13 @@ def test_cli_help_documents_exit_codes_and_the_number(capsys):
         edge_main(["predict", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "Exit status: 0" in text and "3 when some could not be" in text and "130" in text
-    assert "ranking score" in text and "threshold" in text
+    assert "ranking score" in text and "threshold" in text and "%%" not in text
+
+
+def test_an_image_named_twice_is_predicted_once(tiny_models, images_dir, capsys):
+    assert edge_main(["predict", str(images_dir / "ok0.jpg"), str(images_dir), "--json",
+                      "--model", str(tiny_models["uint8"])]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
 
 
 def test_cli_usage_errors(tiny_models, tmp_path, capsys):
@@ -232,3 +240,38 @@ def test_interpreter_fallback_order(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", none_but_tf)
     monkeypatch.setattr(importlib, "import_module", lambda n: types.SimpleNamespace(lite=types.SimpleNamespace(Interpreter=int)))
     assert load_interpreter_class() == (int, "tensorflow.lite")
+
+
+def test_calibrated_sidecar_gives_probabilities_and_the_same_decisions(tiny_models, tmp_path, images_dir):
+    from edge.runner import platt
+    model = tmp_path / "m.tflite"
+    shutil.copy(tiny_models["uint8"], model)
+    meta = json.loads(tiny_models["uint8"].with_suffix(".json").read_text())
+    shutil.copy(tiny_models["uint8"].with_suffix(".json"), model.with_suffix(".json"))
+    raw = Classifier(model)
+    meta["calibration"] = {"method": "platt", "a": 2.0, "b": -1.0}
+    model.with_suffix(".json").write_text(json.dumps(meta))
+    cal = Classifier(model)
+    assert cal.threshold == pytest.approx(float(platt(0.5, 2.0, -1.0))) and raw.threshold == 0.5
+    for image in sorted(images_dir.glob("*.jpg")):
+        a, b = raw.classify(image), cal.classify(image)
+        assert b.calibrated and not a.calibrated and a.score == b.score == a.probability
+        assert b.probability == pytest.approx(float(platt(a.score, 2.0, -1.0)))
+        assert a.melanoma == b.melanoma  # calibration never changes the decision
+        assert b.to_dict()["calibrated"] is True and b.to_dict()["threshold"] == pytest.approx(cal.threshold, abs=1e-6)
+
+
+def test_tta_averages_the_eight_views(tiny_models, images_dir, capsys):
+    from edge.runner import dihedral_views
+    x = np.arange(2 * 2 * 1, dtype=np.float32).reshape(2, 2, 1)
+    views = {tuple(v.ravel()) for v in dihedral_views(x)}
+    assert len(dihedral_views(x)) == 8 and len(views) == 8 and np.array_equal(dihedral_views(x)[0], x)
+    clf = Classifier(tiny_models["float32"])
+    image = images_dir / "ok0.jpg"
+    plain, tta = clf.classify(image), clf.classify(image, tta=True)
+    from edge.preprocess import preprocess
+    arr = preprocess(image, clf.spec)
+    expected = np.mean([clf.predict_array(np.ascontiguousarray(v))[0] for v in dihedral_views(arr)])
+    assert tta.score == pytest.approx(expected) and plain.score == pytest.approx(clf.predict_array(arr)[0])
+    assert edge_main(["predict", str(image), "--tta", "--json", "--model", str(tiny_models["float32"])]) == 0
+    assert json.loads(capsys.readouterr().out)["tta"] is True

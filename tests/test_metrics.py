@@ -62,3 +62,15 @@ def test_auc_matches_mann_whitney_and_sklearn():
     assert m["roc_auc"] == pytest.approx(roc_auc_score(y, p))
     assert m["pr_auc"] == pytest.approx(average_precision_score(y, p))
     assert M.roc_auc(np.zeros(5), np.arange(5)) is None  # one class: undefined, not a crash
+
+
+def test_platt_fit_recovers_a_known_calibration():
+    from edge.runner import platt
+    from train.metrics import calibration, fit_platt
+    rng = np.random.default_rng(0)
+    score = rng.uniform(0.01, 0.99, 20000)
+    truth = platt(score, 0.5, -1.5)  # the score is overconfident and too high
+    y = (rng.random(score.size) < truth).astype(int)
+    fit = fit_platt(y, score)
+    assert fit["a"] == pytest.approx(0.5, abs=0.05) and fit["b"] == pytest.approx(-1.5, abs=0.08)
+    assert calibration(y, platt(score, fit["a"], fit["b"]))["ece"] < calibration(y, score)["ece"] / 3

@@ -39,11 +39,18 @@ def installed(tmp_path_factory) -> tuple[Path, Path, Path]:
     return prefix, wheel, elsewhere
 
 
-def run_script(installed, name: str, *args: str) -> subprocess.CompletedProcess:
+def run_script(installed, name: str, *args: str, hide: str | None = None) -> subprocess.CompletedProcess:
+    """Run an installed command from a folder outside the checkout; `hide` makes one package
+    look uninstalled (a stand-in that raises ImportError comes first on the path)."""
     prefix, _, elsewhere = installed
-    site = sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)})
+    path = [sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)})]
+    if hide:
+        stub = elsewhere / "hidden" / hide
+        stub.mkdir(parents=True, exist_ok=True)
+        (stub / "__init__.py").write_text(f'raise ImportError("No module named {hide}", name="{hide}")\n')
+        path.insert(0, str(stub.parent))
     return subprocess.run([str(prefix / "bin" / name), *args], cwd=elsewhere, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": site})
+                          timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(path)})
 
 
 def test_edge_entry_point_works_from_any_folder(installed):
@@ -74,3 +81,20 @@ def test_edge_extra_installs_no_tensorflow(installed):
     edge_requirements = (REPO / "requirements-edge.txt").read_text()
     assert all(n in edge_requirements.lower() for n in names)
     assert any("tensorflow" in r and 'extra == "all"' in r for r in requires)
+
+
+@pytest.mark.parametrize("script,args,missing", [("melanoma-server", [], "flask"),
+                                                 ("melanoma-quantize", ["card"], "jinja2"),
+                                                 ("melanoma-train", ["--data", "."], "tensorflow")])
+def test_missing_extras_are_named_not_a_traceback(installed, script, args, missing):
+    r = run_script(installed, script, *args, hide=missing)
+    assert r.returncode == 2 and f"needs {missing}" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_installed_card_and_defaults_stay_out_of_site_packages(installed):
+    elsewhere = installed[2]
+    r = run_script(installed, "melanoma-quantize", "card")
+    assert r.returncode == 0, r.stderr
+    assert (elsewhere / "MODEL_CARD.md").read_text().startswith("# Model card")
+    help_text = run_script(installed, "melanoma-train", "--help").stdout
+    assert "site-packages" not in help_text.split("--out")[1].split("--")[0]

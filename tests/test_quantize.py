@@ -26,6 +26,10 @@ def test_every_variant_with_sidecar(exported):
                     "quantization"):
             assert key in meta, key
         assert meta["metrics"]["computed_with"].startswith("this .tflite file")
+        cal = meta.get("calibration") or meta["calibration_skipped"]  # fitted on validation, or why not
+        if "a" in cal:
+            assert cal["fitted_on"] == "validation split" and cal["a"] > 0
+            assert meta["metrics"]["test"]["all"]["calibration"]["ece"] == pytest.approx(cal["ece"]["test_after"])
         assert meta["threshold_policy"]["chosen_on"] == "validation split"
         assert "parity_vs_keras_float" in meta["metrics"]
 

@@ -183,3 +183,23 @@ def test_schedule_warms_up_then_decays():
     s = lr_schedule(1e-3, 10, 100)
     lrs = [float(s(i)) for i in (0, 5, 10, 55, 99)]
     assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(1e-3) and lrs[2] > lrs[3] > lrs[4] >= 0
+
+
+def test_leave_source_out_evaluation(tiny_run, tmp_path, isic_csv_dir):
+    """Every image of a folder the run never saw, at the run's threshold; a folder that shares
+    images with the run's split is refused (it would not be another source)."""
+    from tests.conftest import lesion_image
+    from train.evaluate import evaluate_external, main
+    ext = tmp_path / "other_clinic"
+    for label, melanoma in (("benign", False), ("melanoma", True)):
+        (ext / label).mkdir(parents=True)
+        for i in range(6):
+            lesion_image(200 + i + 10 * melanoma, melanoma=melanoma).save(ext / label / f"{label}_{i}.jpg")
+    preds, report = evaluate_external(tiny_run, None, [str(ext)])
+    m = report["external"]["all"]
+    assert m["n"] == 12 and m["n_melanoma"] == 6 and 0 <= m["roc_auc"] <= 1
+    assert report["threshold"] == json.loads((tiny_run / "metrics.json").read_text())["threshold"]["threshold"]
+    with pytest.raises(ValueError, match="in the run's own split"):
+        evaluate_external(tiny_run, None, [str(isic_csv_dir)])
+    assert main(["--run", str(tiny_run), "--data", str(ext), "--out", str(tmp_path / "lso")]) == 0
+    assert "external" in json.loads((tmp_path / "lso" / "metrics.json").read_text())

@@ -44,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values = json.loads(args.config.read_text()) if args.config else {}
+    try:
+        values = json.loads(args.config.read_text()) if args.config else {}
+    except OSError as e:
+        raise ValueError(f"cannot read --config {args.config} ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config {args.config} is not valid JSON ({e})") from None
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name)
         if v is not None:
@@ -57,15 +62,20 @@ def main(argv=None) -> int:
     try:
         cfg = config_from_args(args)
         cfg.validate()
-    except (ValueError, TypeError, json.JSONDecodeError, OSError) as e:
+    except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
         from .data import DataError
+        from .rundir import RunFolderError, check_run_dir
+        check_run_dir(cfg, args.resume, args.force)  # before TensorFlow loads: a refusal takes a second
         from .pipeline import run
-        from .rundir import RunFolderError
     except ImportError as e:
-        print(f"error: training needs {e.name}: pip install -r requirements.txt", file=sys.stderr)
+        print(f"error: training needs {e.name}: from a checkout, pip install -r requirements.txt "
+              "(or pip install '.[all]')", file=sys.stderr)
+        return EXIT_USAGE
+    except RunFolderError as e:
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
         run(cfg, resume=args.resume, force=args.force, log=lambda m: print(m, flush=True))

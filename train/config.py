@@ -13,6 +13,9 @@ from pathlib import Path
 from edge.preprocess import RESIZE_POLICIES, PreprocessSpec
 
 REPO = Path(__file__).resolve().parent.parent
+# Where outputs go by default (runs/, reports/, MODEL_CARD.md): the checkout, or, for an
+# installed package (REPO is then site-packages), the folder the command is run from.
+WORKSPACE = REPO if (REPO / "pyproject.toml").is_file() else Path.cwd()
 SHARED_DATA = REPO.parent / "shared" / "data"
 BACKBONES = ("efficientnet_lite0", "mobilenet_v3_small", "mobilenet_v3_large", "mobilenet_v2")  # train.backbones.REGISTRY
 LAYOUTS = ("isic_csv", "isic_archive", "class_folders")  # train.data.READERS
@@ -54,7 +57,7 @@ class TrainConfig:
     bootstrap: int = 1000  # resamples for the AUC interval
     # run
     seed: int = 0
-    out: str = str(REPO / "runs" / "efficientnet_lite0")
+    out: str = str(WORKSPACE / "runs" / "efficientnet_lite0")
     workers: int = 2  # image decoding processes for the pixel cache
     limit: int = 0  # use only this many images (tests, smoke runs); 0 = all
 
@@ -111,7 +114,7 @@ CHOICES = {"backbone": BACKBONES, "layout": (None,) + LAYOUTS, "on_bad": ("skip"
 HELP = {  # --help text per field (the comments above, for the command line)
     "data": "dataset folders, each in the ISIC 2020 CSV layout (train.csv + train/*.jpg, as the official ISIC "
             "2020 download), an ISIC Archive export or class folders (default: ../shared/data/ham10000 and isic2017)",
-    "layout": "force one layout for every folder (default: detect per folder)",
+    "layout": "force one layout for every folder (None: detect per folder)",
     "on_bad": "what to do with missing, unreadable, unlabelled or duplicate rows",
     "val_fraction": "fraction of groups (patients/lesions) for validation", "test_fraction": "fraction of groups for test",
     "honour_split": "keep an existing train/val/test column where a source has one",

@@ -342,14 +342,16 @@ def main(argv=None) -> int:
     import argparse
     import sys
     ap = argparse.ArgumentParser(prog="python -m train.data", description=(
-        "Check dataset folders: bad rows (missing, unlabelled, duplicate, unreadable) and the grouped split."))
+        "Check dataset folders: bad rows (missing, unlabelled, duplicate, unreadable) and the grouped split."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Exit status: 0 no bad rows, 1 some bad rows (listed), 2 a folder that cannot be read.")
     ap.add_argument("data", nargs="+", help="dataset folders (isic_csv, isic_archive or class_folders)")
-    ap.add_argument("--layout", choices=sorted(READERS))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--val", type=float, default=0.1)
-    ap.add_argument("--test", type=float, default=0.1)
+    ap.add_argument("--layout", choices=sorted(READERS), help="force one layout (None: detect per folder)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the grouped, stratified split")
+    ap.add_argument("--val", type=float, default=0.1, help="fraction of groups for validation")
+    ap.add_argument("--test", type=float, default=0.1, help="fraction of groups for test")
     ap.add_argument("--cache", type=Path, help="also decode every image into this pixel cache (finds unreadable files)")
-    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--size", type=int, default=224, help="side of the cached images")
     ap.add_argument("--problems", type=Path, help="write the bad-row table as CSV here")
     args = ap.parse_args(argv)
     try:

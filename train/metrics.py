@@ -63,6 +63,17 @@ def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10) -> dict:
     return {"ece": float(ece), "bins": bins, "reliability": table}
 
 
+def fit_platt(y, p) -> dict:
+    """Platt scaling fitted on (labels, raw scores): P = sigmoid(a * logit(score) + b), by
+    unregularised logistic regression on the logit (edge.runner.platt applies it). Both
+    parameters are needed: a class-balanced loss shifts the scores (b) as well as scaling them (a)."""
+    from sklearn.linear_model import LogisticRegression
+    s = np.clip(np.asarray(p, dtype=np.float64), 1e-4, 1 - 1e-4)
+    z = np.log(s / (1 - s)).reshape(-1, 1)
+    fit = LogisticRegression(C=1e6, max_iter=1000).fit(z, np.asarray(y).astype(int))
+    return {"method": "platt", "a": float(fit.coef_[0, 0]), "b": float(fit.intercept_[0])}
+
+
 def binary_metrics(y, p, threshold: float, bootstrap: int = 1000, seed: int = 0) -> dict:
     """Everything the report asks for, for one set of (labels, probabilities)."""
     y, p = np.asarray(y).astype(int), np.asarray(p, dtype=np.float64)

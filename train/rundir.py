@@ -27,9 +27,9 @@ class RunFolderError(ValueError):
     """A run folder that cannot be used as asked (exists without --force, resumed with another config)."""
 
 
-def prepare_run_dir(cfg: TrainConfig, resume: bool, force: bool) -> Path:
-    """Make (or reopen, with `resume`) the run folder and write config.json. An existing run is
-    replaced only with `force`: re-running into the same --out must not silently overwrite it."""
+def check_run_dir(cfg: TrainConfig, resume: bool, force: bool) -> bool:
+    """Whether --out holds a run; RunFolderError if it may not be used as asked (checked by the
+    CLI before TensorFlow loads, and again when the run starts)."""
     run_dir = Path(cfg.out)
     holds_run = run_dir.is_dir() and any((run_dir / m).exists() for m in RUN_MARKERS)
     if resume:
@@ -39,7 +39,14 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, force: bool) -> Path:
     elif holds_run and not force:
         raise RunFolderError(f"{run_dir} already holds a run; use --resume to continue it, --force to "
                              "replace it, or another --out")
-    elif holds_run:
+    return holds_run
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: bool, force: bool) -> Path:
+    """Make (or reopen, with `resume`) the run folder and write config.json. An existing run is
+    replaced only with `force`: re-running into the same --out must not silently overwrite it."""
+    run_dir = Path(cfg.out)
+    if check_run_dir(cfg, resume, force) and not resume:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -102,6 +109,18 @@ def load_run_data(run_dir: Path) -> tuple[pd.DataFrame, np.ndarray, TrainConfig]
     pixels, _ = D.build_pixel_cache(rows, cfg.preprocess_spec(), Path(cfg.cache_dir), cfg.workers)
     rows["split"] = rows["image"].map(dict(zip(splits["image"], splits["split"])))
     return rows[rows["split"].notna()], pixels, cfg
+
+
+def load_sidecar_data(model_path: Path) -> tuple[pd.DataFrame, np.ndarray, TrainConfig]:
+    """The split an exported file was evaluated on, rebuilt from the config in its sidecar
+    (for files whose run folder is gone); refused if the data no longer gives the same counts."""
+    from edge import read_sidecar
+    meta = read_sidecar(model_path)
+    cfg = TrainConfig.from_dict(meta["config"])
+    rows, pixels, _, _ = prepare_data(cfg, log=lambda m: None)
+    if rows["split"].value_counts().to_dict() != meta["provenance"]["split_counts"]:
+        raise ValueError(f"{Path(model_path).name}: the data no longer gives the split its sidecar records")
+    return rows, pixels, cfg
 
 
 def load_keras_model(path: Path):
