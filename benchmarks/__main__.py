@@ -61,6 +61,53 @@ def cold_starts(default_model: Path, image: Path, backbone: str, image_size: int
             "keras_command": "python -c <import TF, build the Keras model, preprocess, predict>"}
 
 
+def not_installed(*modules: str) -> str | None:
+    """The first of `modules` that is not installed (an edge-only device has no TensorFlow)."""
+    import importlib.util
+    return next((m for m in modules if importlib.util.find_spec(m) is None), None)
+
+
+def run_baselines(report: dict, models: list[Path], macs: dict, threads: list[int], runs: int, warmup: int, log):
+    """Keras, ONNX Runtime and cold-start baselines in the same run; each one that cannot run
+    here is recorded as skipped, with the reason, and the .tflite figures still get written."""
+    for backbone in macs:
+        size = json.loads(next(p for p in models if json.loads(p.with_suffix(".json").read_text())["model"] == backbone)
+                          .with_suffix(".json").read_text())["input"]["shape"][1]
+        absent = not_installed("tensorflow", "tf_keras")
+        for t in threads if not absent else []:
+            r = run_child("keras", backbone=backbone, image_size=size, threads=t, runs=max(50, runs // 2), warmup=warmup)
+            macs[backbone] = r.pop("macs")
+            report["baselines"].append({"name": f"{backbone} Keras float32 (batch 1)", "model": backbone, **r})
+            log(f"Keras {backbone} threads={t}: p50 {r['latency_ms_p50']:.2f} ms")
+        if absent:
+            skip(report, f"{backbone} Keras float32 (batch 1)", f"{absent} is not installed (edge-only install?)", log)
+        f32 = MODELS / f"{backbone}_float32.tflite"
+        absent = not_installed("tf2onnx", "onnxruntime")
+        if f32.exists() and absent:
+            skip(report, f"{backbone} ONNX Runtime float32", f"{absent} is not installed", log)
+        for t in threads if f32.exists() and not absent else []:
+            try:
+                r = onnx_bench(f32, t, runs, warmup)
+                report["baselines"].append({"name": f"{backbone} ONNX Runtime float32 (tf2onnx of {f32.name})",
+                                            "model": backbone, **r})
+                log(f"ONNX Runtime {backbone} threads={t}: p50 {r['latency_ms_p50']:.2f} ms")
+            except (RuntimeError, ImportError) as e:
+                report["baselines"].append({"name": f"{backbone} ONNX Runtime", "error": str(e)})
+    image = REPO / "tests" / "fixtures" / "lesion.jpg"
+    default = MODELS / "efficientnet_lite0_int8.tflite"
+    if not_installed("tensorflow", "tf_keras"):
+        skip(report, "cold start (edge CLI vs TensorFlow + Keras)", "TensorFlow is not installed", log)
+    elif image.exists() and default.exists():
+        report["cold_start"] = cold_starts(default, image, "efficientnet_lite0", 224)
+        log(f"cold start: edge CLI {report['cold_start']['edge_cli_seconds']:.2f} s, "
+            f"TF+Keras {report['cold_start']['keras_tensorflow_seconds']:.2f} s")
+
+
+def skip(report: dict, name: str, why: str, log) -> None:
+    report["baselines"].append({"name": name, "skipped": why})
+    log(f"skipped {name}: {why}")
+
+
 def run_latency(models: list[Path], threads: list[int], runs: int, warmup: int, baselines: bool, log) -> dict:
     m = machine()
     report = {"generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": m, "peak": peak_gflops(m),
@@ -77,30 +124,7 @@ def run_latency(models: list[Path], threads: list[int], runs: int, warmup: int, 
         report["models"].append(entry)
         macs.setdefault(meta["model"], 0)
     if baselines:
-        for backbone in macs:
-            size = json.loads(next(p for p in models if json.loads(p.with_suffix(".json").read_text())["model"] == backbone)
-                              .with_suffix(".json").read_text())["input"]["shape"][1]
-            for t in threads:
-                r = run_child("keras", backbone=backbone, image_size=size, threads=t, runs=max(50, runs // 2), warmup=warmup)
-                macs[backbone] = r.pop("macs")
-                report["baselines"].append({"name": f"{backbone} Keras float32 (batch 1)", "model": backbone, **r})
-                log(f"Keras {backbone} threads={t}: p50 {r['latency_ms_p50']:.2f} ms")
-            f32 = MODELS / f"{backbone}_float32.tflite"
-            if f32.exists():
-                for t in threads:
-                    try:
-                        r = onnx_bench(f32, t, runs, warmup)
-                        report["baselines"].append({"name": f"{backbone} ONNX Runtime float32 (tf2onnx of {f32.name})",
-                                                    "model": backbone, **r})
-                        log(f"ONNX Runtime {backbone} threads={t}: p50 {r['latency_ms_p50']:.2f} ms")
-                    except (RuntimeError, ImportError) as e:
-                        report["baselines"].append({"name": f"{backbone} ONNX Runtime", "error": str(e)})
-        image = REPO / "tests" / "fixtures" / "lesion.jpg"
-        default = MODELS / "efficientnet_lite0_int8.tflite"
-        if image.exists() and default.exists():
-            report["cold_start"] = cold_starts(default, image, "efficientnet_lite0", 224)
-            log(f"cold start: edge CLI {report['cold_start']['edge_cli_seconds']:.2f} s, "
-                f"TF+Keras {report['cold_start']['keras_tensorflow_seconds']:.2f} s")
+        run_baselines(report, models, macs, threads, runs, warmup, log)
     for entry in report["models"] + [b for b in report["baselines"] if "model" in b and "latency_ms_p50" in b]:
         n = macs.get(entry["model"])
         if n:
@@ -137,8 +161,9 @@ def latency_markdown(report: dict) -> str:
         lines += ["", "## Baselines (same run)", "", "| baseline | threads | init ms | first ms | p50 ms | p90 ms | p99 ms | peak RSS MB |",
                   "|---|---|---|---|---|---|---|---|"]
         for b in report["baselines"]:
-            if "error" in b:
-                lines.append(f"| {b['name']} | - | failed: {b['error']} | | | | | |")
+            if "error" in b or "skipped" in b:
+                why = f"failed: {b['error']}" if "error" in b else f"skipped: {b['skipped']}"
+                lines.append(f"| {b['name']} | - | {why} | | | | | |")
             else:
                 lines.append(f"| {b['name']} | {b['num_threads']} | {b['init_ms']:.0f} | {b['first_inference_ms']:.1f} | "
                              f"{b['latency_ms_p50']:.2f} | {b['latency_ms_p90']:.2f} | {b['latency_ms_p99']:.2f} | {b['peak_memory_mb']:.0f} |")
@@ -294,8 +319,11 @@ def main(argv=None) -> int:
         rep = run_tradeoff(models, latency, threads, log)
         (args.out / "tradeoff.json").write_text(json.dumps(rep, indent=2) + "\n")
         (args.out / "tradeoff.md").write_text(tradeoff_markdown(rep))
-        tradeoff_plot(rep, args.out / "tradeoff.png")
-        log(f"wrote {args.out / 'tradeoff.md'} and tradeoff.png")
+        if not_installed("matplotlib"):
+            log(f"wrote {args.out / 'tradeoff.md'}; skipped tradeoff.png: matplotlib is not installed")
+        else:
+            tradeoff_plot(rep, args.out / "tradeoff.png")
+            log(f"wrote {args.out / 'tradeoff.md'} and tradeoff.png")
     return 0
 
 

@@ -141,7 +141,7 @@ def read_source(source: ImageSource, limits: DecodeLimits) -> tuple[str, io.Byte
     if stat.S_ISDIR(st.st_mode):
         raise ImageError(name, "is a folder, not an image")
     if not stat.S_ISREG(st.st_mode):
-        raise ImageError(name, "not a regular file (a pipe, socket or device), skipped")
+        raise ImageError(name, "not a regular file (a pipe, socket or device)")
     if st.st_size == 0:
         raise ImageError(name, "empty file (0 bytes)")
     if st.st_size > limits.max_file_bytes:

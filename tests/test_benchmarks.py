@@ -92,3 +92,37 @@ def test_arm64_requirements_and_comparison(tmp_path):
     off = {**same, "b.jpg": {"probability": 0.2, "label": "not melanoma"}}
     assert not compare(x86, off, 1 / 255)["pass"]
     assert not compare(x86, {"a.jpg": same["a.jpg"]}, 1 / 255)["pass"]  # a missing image fails
+
+
+EDGE_ONLY = """
+import importlib.machinery as machinery
+_find = machinery.PathFinder.find_spec.__func__
+HIDDEN = {"tensorflow", "tf_keras", "tf2onnx", "onnxruntime", "onnx", "matplotlib", "sklearn", "pandas"}
+
+def find_spec(cls, name, path=None, target=None):
+    return None if name.split(".")[0] in HIDDEN else _find(cls, name, path, target)
+
+machinery.PathFinder.find_spec = classmethod(find_spec)
+"""
+
+
+def test_latency_runs_on_an_edge_only_install(tiny_models, tmp_path):
+    """With only the edge requirements (TensorFlow, ONNX Runtime, matplotlib hidden), the latency
+    and tradeoff benchmarks measure the .tflite files and record each baseline as skipped."""
+    import os
+    import subprocess
+    import sys
+    from .conftest import REPO
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(EDGE_ONLY)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])}
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "all", "--model", str(tiny_models["uint8"]), "--threads", "1",
+                        "--runs", "100", "--warmup", "2", "--out", str(tmp_path / "r")], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((tmp_path / "r" / "latency.json").read_text())
+    assert report["models"][0]["by_threads"]["1"]["count"] == 100
+    skipped = {b["name"]: b["skipped"] for b in report["baselines"] if "skipped" in b}
+    assert any("Keras" in n and "tensorflow is not installed" in why for n, why in skipped.items())
+    assert "skipped" in (tmp_path / "r" / "latency.md").read_text() and "skipped tradeoff.png" in r.stdout
