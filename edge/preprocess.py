@@ -308,9 +308,9 @@ def open_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None
                     img.load()
                     is_jpeg, mode, turn = img.format in ("JPEG", "MPO"), img.mode, orientation(img)
                     out = shrink(img, draft_size)
+                    if is_jpeg:  # before the EXIF turn: libjpeg's padding is at the bottom of the stored image
+                        check_complete(out, name, len(stream.getbuffer()), full_size)
                     out = to_rgb(out.transpose(turn) if turn is not None else out, name, source_mode=mode)
-        if is_jpeg:
-            check_complete(out, name, len(stream.getbuffer()), full_size)
         return out
     except ImageError:
         raise

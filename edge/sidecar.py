@@ -52,7 +52,10 @@ def read_sidecar(model_path: Path, *, verify: bool = True) -> dict:
         raise SidecarError(f"{path}: cannot be read ({e.strerror})") from None
     check_sidecar(meta, path)
     if verify:
-        actual = sha256_of(model_path)
+        try:
+            actual = sha256_of(model_path)
+        except OSError as e:
+            raise SidecarError(f"{model_path}: cannot be read ({e.strerror or e})") from None
         if actual != meta["sha256"]:
             raise SidecarError(
                 f"{model_path.name} does not match its sidecar: sha256 is {actual[:12]}..., "

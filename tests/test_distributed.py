@@ -25,7 +25,7 @@ from train import tfenv
 import tensorflow as tf
 import tf_keras as keras
 from train.batching import distributed_dataset
-from train.optim import make_train_step
+from train.optim import make_train_step, sync_from_first_replica
 
 def tiny_model():
     keras.utils.set_random_seed(0)
@@ -37,32 +37,36 @@ def tiny_model():
 
 rng = np.random.default_rng(0)
 PIXELS = rng.integers(0, 256, (64, 16, 16, 3)).astype(np.uint8)
+PIXELS[:, 0, 0, 0] = np.arange(64)  # each image carries its index in one pixel: who saw what
 Y = (rng.random(64) < 0.3).astype(np.float32)
 IDX = np.arange(64)
 
-def train(strategy, steps, init=None):
+def train(strategy, steps, init=None, sync=False):
     with strategy.scope():
         model = tiny_model()
         if init is not None:
             model.set_weights(init)
         opt = keras.optimizers.SGD(0.5)
+    if sync:
+        sync_from_first_replica(strategy, model.weights)
     step = make_train_step(model, opt, strategy, global_batch=8, class_weight=(1.0, 2.0), weight_decay=1e-2)
     dataset, _ = distributed_dataset(strategy, PIXELS, Y, IDX, 8, seed=0, epoch=0)
-    losses = []
+    losses, seen = [], []
     for i, (x, t) in enumerate(dataset):
         if i == steps:
             break
+        seen.append(sorted(int(v) for r in strategy.experimental_local_results(x) for v in r.numpy()[:, 0, 0, 0]))
         losses.append(float(step(x, t)))
-    return losses, [w.numpy() for w in model.weights]
+    return losses, [w.numpy() for w in model.weights], seen
 '''
 
 MIRRORED = COMMON + r'''
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 init = tiny_model().get_weights()
-one_loss, one_w = train(tf.distribute.OneDeviceStrategy("/cpu:0"), 3, init)
+one_loss, one_w, _ = train(tf.distribute.OneDeviceStrategy("/cpu:0"), 3, init)
 mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-two_loss, two_w = train(mirrored, 3, init)
+two_loss, two_w, _ = train(mirrored, 3, init)
 print(json.dumps({"replicas": mirrored.num_replicas_in_sync, "one_loss": one_loss, "two_loss": two_loss,
                   "max_weight_diff": max(float(np.abs(a - b).max()) for a, b in zip(one_w, two_w)),
                   "weights_moved": max(float(np.abs(a - b).max()) for a, b in zip(init, one_w))}))
@@ -70,9 +74,13 @@ print(json.dumps({"replicas": mirrored.num_replicas_in_sync, "one_loss": one_los
 
 WORKER = COMMON + r'''
 strategy = tf.distribute.MultiWorkerMirroredStrategy()
-losses, weights = train(strategy, 4)
+index = strategy.cluster_resolver.task_id
+# each worker starts from different weights (as after a phase 1 run on each); the sync must fix it
+init = [w + 0.05 * index for w in tiny_model().get_weights()]
+losses, weights, seen = train(strategy, 4, init, sync=True)
 np.savez(sys.argv[1], *weights)
-print(json.dumps({"workers": strategy.cluster_resolver.cluster_spec().num_tasks("worker"), "losses": losses}))
+print(json.dumps({"workers": strategy.cluster_resolver.cluster_spec().num_tasks("worker"), "losses": losses,
+                  "seen": seen}))
 '''
 
 
@@ -109,8 +117,9 @@ def test_each_worker_gets_its_own_share_of_every_global_batch():
 
 
 def test_two_worker_processes_train_in_step(tmp_path):
-    """A real two-process MultiWorkerMirroredStrategy run on localhost: both finish, both hold
-    the same weights, and they saw different images (each its own share)."""
+    """A real two-process MultiWorkerMirroredStrategy run on localhost. The workers start from
+    different weights (as each worker's own phase 1 could leave them), the sync gives both
+    worker 0's; both finish with the same weights, each having seen its own half of every batch."""
     ports = [free_port(), free_port()]
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
     procs = [python(WORKER, str(tmp_path / f"w{i}.npz"),
@@ -119,6 +128,10 @@ def test_two_worker_processes_train_in_step(tmp_path):
     results = [result(p) for p in procs]
     assert [r["workers"] for r in results] == [2, 2]
     assert results[0]["losses"] == results[1]["losses"]  # the reduced (global) loss of every step
+    table = epoch_order(np.arange(64), 8, seed=0, epoch=0)
+    for step, (a, b) in enumerate(zip(results[0]["seen"], results[1]["seen"])):
+        assert len(a) == len(b) == 4 and not set(a) & set(b)  # each worker its own half
+        assert sorted(a + b) == sorted(table[step].tolist())  # together: the global batch
     w0, w1 = (np.load(tmp_path / f"w{i}.npz") for i in range(2))
     diff = max(float(np.abs(w0[k] - w1[k]).max()) for k in w0.files)
     print(f"\nMultiWorkerMirroredStrategy, 2 processes x 4 steps: max weight difference between workers {diff:.1e}")

@@ -257,7 +257,7 @@ def test_calibrated_sidecar_gives_probabilities_and_the_same_decisions(tiny_mode
         a, b = raw.classify(image), cal.classify(image)
         assert b.calibrated and not a.calibrated and a.score == b.score == a.probability
         assert b.probability == pytest.approx(float(platt(a.score, 2.0, -1.0)))
-        assert a.melanoma == b.melanoma  # calibration never changes the decision
+        assert a.melanoma == b.melanoma == (b.probability >= b.threshold) == (a.score >= 0.5)
         assert b.to_dict()["calibrated"] is True and b.to_dict()["threshold"] == pytest.approx(cal.threshold, abs=1e-6)
 
 

@@ -162,3 +162,15 @@ def test_progressive_jpeg_memory_counts_full_size_coefficients():
     for im in (base, prog):
         im.draft("RGB", (100, 100))
     assert peak_bytes(prog, (800, 600)) - peak_bytes(base, (800, 600)) == 800 * 600 * 2 * 3
+
+
+def test_short_jpeg_is_refused_when_rotated_too():
+    """The padding check runs before the EXIF turn (portrait phone photos carry orientation 6)."""
+    import struct
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = bytearray(jpeg_bytes(lesion_image(3, size=(16, 16)), exif=exif))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", 4000, 6000)
+    with pytest.raises(ImageError, match="less image data than its header declares"):
+        preprocess(bytes(data))

@@ -22,7 +22,7 @@ from .config import TrainConfig
 from .evaluate import predict_keras
 from .metrics import roc_auc
 from .model import set_trainable
-from .optim import EMA, lr_schedule, make_train_step
+from .optim import EMA, agree, lr_schedule, make_train_step, sync_from_first_replica
 from .rundir import append_history
 
 
@@ -93,13 +93,14 @@ def fine_tune(cfg: TrainConfig, model: keras.Model, num_blocks: int, data: Train
     manager = tf.train.CheckpointManager(ckpt, str(run_dir / "checkpoints"), max_to_keep=1)
     history = run_dir / "history.csv"
     state = restore(manager, ckpt, history, "val_auc_ema" if ema else "val_auc", log) if resume else Progress()
+    sync_from_first_replica(strategy, model.weights + (ema.shadow if ema else []))
     # -- the loop
     t_start, first = time.time(), state.epoch
     for epoch in range(first, cfg.epochs):
         t0 = time.time()
         loss = run_epoch(train_step, strategy, data, cfg, epoch)
         val_auc, val_auc_ema = validate(model, ema, data)
-        score = val_auc if ema is None else val_auc_ema
+        score = agree(strategy, val_auc if ema is None else val_auc_ema)  # one decision on every worker
         state.best, state.wait = (score, 0) if score > state.best else (state.best, state.wait + 1)
         if state.wait == 0:
             model.save_weights(str(run_dir / "best.weights.h5"))

@@ -70,3 +70,30 @@ def make_train_step(model, optimizer, strategy, *, global_batch: int, class_weig
         return loss
 
     return train_step
+
+
+def sync_from_first_replica(strategy, variables) -> None:
+    """Give every replica (on every worker) replica 0's values. MultiWorkerMirroredStrategy
+    mirrors variables only when they are created: weights set afterwards on each worker
+    (phase 1, --init-from, a restored checkpoint) could differ in their last bits, and the same
+    summed gradient would then never bring them back together."""
+    if strategy.num_replicas_in_sync == 1:
+        return
+    variables = list(variables)
+
+    def first_values():
+        ctx = tf.distribute.get_replica_context()
+        keep = tf.equal(ctx.replica_id_in_sync_group, 0)
+        return ctx.all_reduce("SUM", [tf.where(keep, v, tf.zeros_like(v)) for v in variables])
+    values = strategy.run(first_values)
+    for v, x in zip(variables, values):
+        v.assign(strategy.experimental_local_results(x)[0])
+
+
+def agree(strategy, value: float) -> float:
+    """The mean of `value` over all replicas and workers, so every worker takes the same branch
+    (early stopping: one worker leaving the loop alone would leave the others waiting for ever)."""
+    if strategy.num_replicas_in_sync == 1:
+        return float(value)
+    per_replica = strategy.run(lambda: tf.constant(float(value), tf.float32))
+    return float(strategy.reduce("MEAN", per_replica, axis=None))

@@ -22,6 +22,7 @@ from .head import train_head
 from .loop import TrainingData, fine_tune
 from .metrics import roc_auc
 from .model import build_classifier, freeze_backbone, select_strategy
+from .optim import sync_from_first_replica
 
 
 def set_seeds(seed: int) -> None:
@@ -36,11 +37,12 @@ def start_model(cfg: TrainConfig, model, data: TrainingData, rows, test_idx, run
     if cfg.init_from:
         init = R.init_from_run(Path(cfg.init_from), model, rows, log)
         return None, init, init["head_only_test_auc"]
-    phase1 = None
-    if not (resume and (run_dir / "checkpoints").exists()):
-        phase1 = train_head(cfg, model, data.pixels, data.y, data.train_idx, data.val_idx, log)
-        R.append_history(run_dir / "history.csv", {"phase": 1, "epoch": phase1["epochs"], "val_auc": phase1["val_auc"]})
-        model.save_weights(str(run_dir / "best.weights.h5"))
+    if resume and (run_dir / "checkpoints").exists():  # phase 1 is done; its test AUC is in the earlier metrics
+        earlier = run_dir / "metrics.json"
+        return None, None, json.loads(earlier.read_text()).get("head_only_test_auc") if earlier.exists() else None
+    phase1 = train_head(cfg, model, data.pixels, data.y, data.train_idx, data.val_idx, log)
+    R.append_history(run_dir / "history.csv", {"phase": 1, "epoch": phase1["epochs"], "val_auc": phase1["val_auc"]})
+    model.save_weights(str(run_dir / "best.weights.h5"))
     return phase1, None, roc_auc(data.y[test_idx], predict_keras(model, data.pixels, test_idx))
 
 
@@ -73,6 +75,7 @@ def run(cfg: TrainConfig, resume: bool = False, force: bool = False, log=print) 
         model, info = build_classifier(cfg.backbone, cfg.image_size, cfg.dropout, cfg.weights)
     freeze_backbone(model)
     phase1, init, head_only_test = start_model(cfg, model, data, rows, pos["test"], run_dir, resume, log)
+    sync_from_first_replica(strategy, model.weights)  # phase 1 / --init-from set each worker's copy alone
     phase2 = {}
     if cfg.top_blocks > 0 and cfg.epochs > 0:
         phase2 = fine_tune(cfg, model, info.num_blocks, data, run_dir, strategy, resume, log)
@@ -86,5 +89,6 @@ def run(cfg: TrainConfig, resume: bool = False, force: bool = False, log=print) 
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     R.save_history_plot(run_dir)
     log(summary_line(report))
-    log(f"head only (frozen backbone) test AUC {head_only_test:.4f}; wall time {metrics['wall_time_minutes']} min")
+    log(f"head only (frozen backbone) test AUC {head_only_test if head_only_test is None else round(head_only_test, 4)}; "
+        f"wall time {metrics['wall_time_minutes']} min")
     return metrics
