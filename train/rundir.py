@@ -124,6 +124,7 @@ def load_sidecar_data(model_path: Path) -> tuple[pd.DataFrame, np.ndarray, Train
 
 
 def load_keras_model(path: Path):
+    from . import tfenv  # noqa: F401  (Keras 2, TensorFlow's start-up chatter muted)
     import tf_keras as keras
     return keras.models.load_model(path, compile=False)
 
