@@ -64,11 +64,6 @@ def progress(images: list[Path], as_json: bool, err):
     return tqdm(images, file=err, unit="img", leave=False)
 
 
-def model_fields(clf: Classifier) -> dict:
-    """How every output names the model: the same fields as the API's."""
-    return {"model": clf.meta["model"], "variant": clf.meta["variant"], "model_sha256": clf.meta["sha256"]}
-
-
 def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, err=None, tta: bool = False) -> int:
     """Predict every image; report unreadable ones and keep going. Returns the exit status."""
     out, err = out or sys.stdout, err or sys.stderr
@@ -89,7 +84,7 @@ def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, er
             continue
         flagged += pred.melanoma
         if as_json:
-            print(json.dumps({"image": name, **pred.to_dict(), "tta": tta, **model_fields(clf), "disclaimer": DISCLAIMER}),
+            print(json.dumps({"image": name, **pred.to_dict(), "tta": tta, **clf.identity(), "disclaimer": DISCLAIMER}),
                   file=out)
         else:
             print(f"{name:{width}s}  {pred.probability:11.3f}  {pred.label}", file=out)

@@ -183,6 +183,10 @@ class Classifier:
             return float(score)
         return float(platt(score, self.calibration["a"], self.calibration["b"]))
 
+    def identity(self) -> dict:
+        """How every output (CLI --json, API) names the model."""
+        return {"model": self.meta["model"], "variant": self.meta["variant"], "model_sha256": self.meta["sha256"]}
+
     def describe(self) -> dict:
         """A short summary for `python -m edge info` and the server."""
         q = self._input.get("quantization", (0.0, 0))

@@ -1,7 +1,6 @@
 """Keras model -> .tflite variants, each with a sidecar holding the metrics of that exact file."""
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path

@@ -14,8 +14,7 @@ def predict():
     """Classify the multipart field `image`; JSON with probability, label, threshold, model, latency."""
     pred = classify_upload()
     clf = get_classifier()
-    return jsonify({**pred.to_dict(), "tta": current_app.config["TTA"], "model": clf.meta["model"],
-                    "variant": clf.meta["variant"], "model_sha256": clf.meta["sha256"], "disclaimer": DISCLAIMER})
+    return jsonify({**pred.to_dict(), "tta": current_app.config["TTA"], **clf.identity(), "disclaimer": DISCLAIMER})
 
 
 @bp.get("/api/v1/model")
