@@ -68,10 +68,13 @@ def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, er
     """Predict every image; report unreadable ones and keep going. Returns the exit status."""
     out, err = out or sys.stdout, err or sys.stderr
     width = max([len(shown(p)) for p in images] + [5])
-    flagged = failures = 0
+    flagged = failures = malignant = 0
+    multitask = bool(clf.classes)
     if not as_json:
         column = "P(melanoma)" if clf.calibration is not None else "score"
-        print(f"{'image':{width}s}  {column:>11s}  decision (threshold {clf.threshold:.3f})", file=out)
+        extra = f"  {'P(malignant)':>12s}" if multitask else ""
+        print(f"{'image':{width}s}  {column:>11s}{extra}  decision (threshold {clf.threshold:.3f})"
+              + ("  |  top diagnoses" if multitask else ""), file=out)
     for path in progress(images, as_json, err):
         name = shown(path)
         try:
@@ -83,15 +86,24 @@ def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, er
                 print(json.dumps({"image": name, "error": e.reason}), file=out)
             continue
         flagged += pred.melanoma
+        malignant += bool(pred.malignant)
         if as_json:
             print(json.dumps({"image": name, **pred.to_dict(), "tta": tta, **clf.identity(), "disclaimer": DISCLAIMER}),
+                  file=out)
+        elif multitask:
+            top = ", ".join(f"{n} {100 * q:.0f}%" for n, q in pred.diagnoses[:3])
+            print(f"{name:{width}s}  {pred.probability:11.3f}  {pred.malignant_probability:12.3f}  {pred.label}  |  {top}",
                   file=out)
         else:
             print(f"{name:{width}s}  {pred.probability:11.3f}  {pred.label}", file=out)
     if not as_json:
+        if multitask:
+            print("\nP(malignant) = melanoma + basal cell carcinoma + actinic keratosis/intraepithelial carcinoma.",
+                  file=out)
         print(f"\n{DISCLAIMER}", file=out, flush=True)
-    print(f"{len(images)} image{'s' * (len(images) != 1)}: {len(images) - failures} predicted, {flagged} flagged, "
-          f"{failures} unreadable", file=err)
+    also = f" ({malignant} possibly malignant)" if multitask else ""
+    print(f"{len(images)} image{'s' * (len(images) != 1)}: {len(images) - failures} predicted, {flagged} flagged"
+          f"{also}, {failures} unreadable", file=err)
     return EXIT_UNREADABLE if failures else EXIT_OK
 
 

@@ -56,6 +56,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 DEFAULT_MAX_PIXELS = 52_000_000
 
 RESIZE_POLICIES = ("squash", "center_crop")
+# Colour constancy after the resize: "shades_of_grey" (Finlayson & Trezzi 2004; p = 6 as in the
+# ISIC 2018/2019 top entries) divides each channel by its Minkowski p-mean, so a lesion seen
+# under another dermoscope's light gets the same colours. Output is rounded to whole values.
+COLOR_CONSTANCY = ("none", "shades_of_grey")
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 # Modes Image.reduce averages correctly; others are converted first ("P" would average indices).
 _REDUCIBLE = {"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F"}
@@ -100,8 +104,14 @@ class PreprocessSpec:
     resample: str = "bilinear"  # Pillow filter used for the resize
     color: str = "RGB"  # channel order of the array
     value_range: tuple[float, float] = (0.0, 255.0)  # array values before the model
+    color_constancy: str = "none"  # one of COLOR_CONSTANCY, applied after the resize
+    constancy_power: int = 6  # Minkowski p of Shades of Grey
 
     def __post_init__(self):
+        if self.color_constancy not in COLOR_CONSTANCY:
+            raise ValueError(f"unknown colour constancy {self.color_constancy!r}; use one of {COLOR_CONSTANCY}")
+        if not 1 <= self.constancy_power <= 16:
+            raise ValueError(f"constancy_power must be 1..16, not {self.constancy_power!r}")
         if self.resize not in RESIZE_POLICIES:
             raise ValueError(f"unknown resize policy {self.resize!r}; use one of {RESIZE_POLICIES}")
         if self.resample not in _RESAMPLE:
@@ -115,7 +125,7 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessSpec":
-        known = {"size", "resize", "resample", "color", "value_range"}
+        known = {"size", "resize", "resample", "color", "value_range", "color_constancy", "constancy_power"}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
 
 
@@ -361,7 +371,24 @@ def preprocess(source: ImageSource, spec: PreprocessSpec = PreprocessSpec(), *,
                budget: MemoryBudget | None = None) -> np.ndarray:
     """Image file/bytes -> float32 array (H, W, 3), values 0..255, ready for the model."""
     img = open_image(source, draft_size=spec.size, max_pixels=max_pixels, limits=limits, budget=budget)
-    return np.asarray(resize(img, spec), dtype=np.float32)
+    x = np.asarray(resize(img, spec), dtype=np.float32)
+    if spec.color_constancy == "shades_of_grey":
+        x = shades_of_grey(x, spec.constancy_power)
+    return x
+
+
+def shades_of_grey(x: np.ndarray, p: int = 6) -> np.ndarray:
+    """Shades of Grey colour constancy of an (H, W, 3) array, values 0..255: each channel is
+    scaled by (grey level / its Minkowski p-mean), with the grey level set so that a neutral
+    image is unchanged. Whole values out (so the uint8 pixel cache holds exactly this array).
+    About 1 ms at 224x224 in numpy (benchmarks report it)."""
+    x = np.asarray(x, dtype=np.float32)
+    illuminant = np.power(np.mean(np.power(x.reshape(-1, 3) / 255.0, p), axis=0), 1.0 / p)  # (3,)
+    norm = float(np.sqrt(np.sum(illuminant ** 2)))
+    if norm < 1e-6:  # a black frame: nothing to correct
+        return np.round(x)
+    gain = 1.0 / (illuminant / norm * np.sqrt(3.0) + 1e-6)
+    return np.clip(np.round(x * gain[None, None, :]), 0.0, 255.0)
 
 
 def preprocess_uint8(source: ImageSource, spec: PreprocessSpec = PreprocessSpec(), **kw) -> np.ndarray:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .preprocess import DEFAULT_MAX_PIXELS, ImageSource, MemoryBudget, preprocess
+from .scores import diagnosis_distribution, melanoma_score, tempered
 from .sidecar import SidecarError, preprocess_spec, read_sidecar
 
 # The shipped models: models/ in a checkout, edge/models once installed (pyproject.toml maps it).
@@ -75,16 +76,24 @@ def quiet_stderr():
 class Prediction:
     probability: float  # P(melanoma): calibrated when `calibrated`, else the raw score
     melanoma: bool  # at or above the threshold
-    label: str  # "melanoma" or "not melanoma"
+    label: str  # "melanoma", or "not melanoma" with the most likely diagnosis where the model has them
     threshold: float  # the shipped decision threshold, in the same units as `probability`
     latency_ms: float  # interpreter time for this image (no decoding)
-    score: float = float("nan")  # the model's raw output, 0..1 (what the sidecar's threshold is on)
+    score: float = float("nan")  # the model's raw melanoma score, 0..1 (what the sidecar's threshold is on)
     calibrated: bool = False  # `probability` went through the sidecar's calibration
+    # multi-task models only (None otherwise):
+    diagnoses: tuple[tuple[str, float], ...] | None = None  # every class with its probability, most likely first
+    malignant_probability: float | None = None  # melanoma + basal cell carcinoma + actinic keratosis/IEC
+    malignant: bool | None = None  # a malignant or pre-malignant lesion is suspected (see Classifier.classify)
 
     def to_dict(self) -> dict:
-        return {"probability": round(self.probability, 6), "calibrated": self.calibrated,
-                "score": round(self.score, 6), "label": self.label, "melanoma": self.melanoma,
-                "threshold": round(self.threshold, 6), "latency_ms": round(self.latency_ms, 3)}
+        d = {"probability": round(self.probability, 6), "calibrated": self.calibrated,
+             "score": round(self.score, 6), "label": self.label, "melanoma": self.melanoma,
+             "threshold": round(self.threshold, 6), "latency_ms": round(self.latency_ms, 3)}
+        if self.diagnoses is not None:
+            d.update(malignant_probability=round(self.malignant_probability, 6), malignant=self.malignant,
+                     diagnoses=[{"diagnosis": n, "probability": round(p, 6)} for n, p in self.diagnoses])
+        return d
 
 
 def platt(score, a: float, b: float):
@@ -122,17 +131,33 @@ class Classifier:
         self.score_threshold = float(self.meta["threshold"])  # on the raw score, chosen on validation
         self.threshold = self.to_probability(self.score_threshold)
         self.labels = list(self.meta["labels"])
+        # multi-task models: the diagnosis classes, how the melanoma score is read, what counts as malignant
+        self.classes = self.meta.get("classes")
+        self.rule = self.meta.get("melanoma_rule", "binary")
+        self.malignant_classes = [self.classes.index(c) for c in self.meta.get("malignant_classes", [])] \
+            if self.classes else []
+        self.dx_temperature = float((self.calibration or {}).get("diagnosis_temperature", 1.0))
+        self.malignant_threshold = self.meta.get("malignant_threshold")
         self.num_threads = num_threads
         self.max_pixels = max_pixels
         self.budget = budget  # shared by the threads that call classify(), if given
         self._interpreter, self.backend = make_interpreter(self.model_path, num_threads)
         self._input = self._interpreter.get_input_details()[0]
-        self._output = self._interpreter.get_output_details()[0]
+        self._output = self._scores_output(self._interpreter.get_output_details())
         actual, declared = [int(v) for v in self._input["shape"]], list(self.meta["input"]["shape"])
         if actual[1:] != declared[1:]:
             raise SidecarError(f"{self.model_path.name}: the model's input shape is {actual}, "
                                f"its sidecar says {declared}")
         self._lock = threading.Lock()
+
+    def _scores_output(self, outputs: list[dict]) -> dict:
+        """The output tensor the sidecar's `output` describes (files may carry more outputs)."""
+        want = list(self.meta["output"].get("shape", [1, 1]))
+        for o in outputs:
+            if [int(v) for v in o["shape"]] == want:
+                return o
+        raise SidecarError(f"{self.model_path.name}: no output of shape {want} (the sidecar's output.shape); "
+                           f"the file has {[list(map(int, o['shape'])) for o in outputs]}")
 
     @property
     def input_details(self) -> dict:
@@ -145,14 +170,15 @@ class Classifier:
             return quantize(x, dtype, scale, zero_point)
         return x.astype(dtype)
 
-    def _postprocess(self, y: np.ndarray) -> float:
+    def _postprocess(self, y: np.ndarray) -> np.ndarray:
         if np.issubdtype(self._output["dtype"], np.integer):
             scale, zero_point = self._output["quantization"]
             y = dequantize(y, scale, zero_point)
-        return float(np.clip(y.reshape(-1)[0], 0.0, 1.0))
+        return np.clip(y.reshape(-1).astype(np.float64), 0.0, 1.0)
 
-    def predict_array(self, x: np.ndarray) -> tuple[float, float]:
-        """Preprocessed float array (H, W, 3) -> (probability, interpreter milliseconds)."""
+    def predict_scores(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """Preprocessed float array (H, W, 3) -> (every output column, interpreter milliseconds):
+        one column for a binary model; the melanoma head then the diagnoses for a multi-task one."""
         batch = self._prepare(x[None, ...])
         with self._lock:
             t0 = time.perf_counter()
@@ -162,20 +188,55 @@ class Classifier:
             ms = (time.perf_counter() - t0) * 1000
         return self._postprocess(y), ms
 
+    def predict_array(self, x: np.ndarray) -> tuple[float, float]:
+        """Preprocessed float array (H, W, 3) -> (raw melanoma score, interpreter milliseconds)."""
+        y, ms = self.predict_scores(x)
+        return float(melanoma_score(y[None], self.rule)[0]), ms
+
     def predict_tta(self, x: np.ndarray) -> tuple[float, float]:
         """Test-time augmentation: the mean score over the 8 flips and 90-degree rotations of
         the array (a lesion has no up or left), and the summed interpreter milliseconds."""
-        runs = [self.predict_array(np.ascontiguousarray(v)) for v in dihedral_views(x)]
-        return float(np.mean([r[0] for r in runs])), float(sum(r[1] for r in runs))
+        y, ms = self.predict_scores_tta(x)
+        return float(melanoma_score(y[None], self.rule)[0]), ms
+
+    def predict_scores_tta(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        runs = [self.predict_scores(np.ascontiguousarray(v)) for v in dihedral_views(x)]
+        return np.mean([r[0] for r in runs], axis=0), float(sum(r[1] for r in runs))
 
     def classify(self, source: ImageSource, tta: bool = False) -> Prediction:
         """Image path/bytes -> Prediction (with `tta`, 8 invokes averaged). Raises
-        edge.ImageError for unreadable input."""
+        edge.ImageError for unreadable input.
+
+        A multi-task model also gives every diagnosis with its probability (melanoma's is the
+        calibrated melanoma probability; the others share the rest as the diagnosis head says)
+        and the malignant probability (melanoma + BCC + AK/IEC). A lesion is `malignant`
+        (suspected) when melanoma is flagged, when that probability reaches the sidecar's
+        `malignant_threshold`, or when its most likely diagnosis is malignant; the label then
+        never reads merely "not melanoma"."""
         x = preprocess(source, self.spec, max_pixels=self.max_pixels, budget=self.budget)
-        score, ms = self.predict_tta(x) if tta else self.predict_array(x)
+        y, ms = self.predict_scores_tta(x) if tta else self.predict_scores(x)
+        score = float(melanoma_score(y[None], self.rule)[0])
         melanoma = score >= self.score_threshold  # the same decision as probability >= threshold
-        return Prediction(probability=self.to_probability(score), melanoma=melanoma, label=self.labels[int(melanoma)],
-                          threshold=self.threshold, latency_ms=ms, score=score, calibrated=self.calibration is not None)
+        probability = self.to_probability(score)
+        base = dict(probability=probability, melanoma=melanoma, threshold=self.threshold, latency_ms=ms,
+                    score=score, calibrated=self.calibration is not None)
+        if not self.classes or len(y) != 1 + len(self.classes):
+            return Prediction(label=self.labels[int(melanoma)], **base)
+        dist = diagnosis_distribution(probability, tempered(y[1:], self.dx_temperature), self.classes.index("melanoma"))
+        order = np.argsort(-dist, kind="stable")
+        malignant_p = float(dist[self.malignant_classes].sum())
+        top = int(order[0])
+        suspected = bool(melanoma or top in self.malignant_classes
+                         or (self.malignant_threshold is not None and malignant_p >= self.malignant_threshold))
+        if melanoma:
+            label = self.labels[1]
+        elif suspected:
+            other = max((i for i in self.malignant_classes if self.classes[i] != "melanoma"), key=lambda i: dist[i])
+            label = f"not melanoma, but possibly malignant: {self.classes[other]}"
+        else:
+            label = f"{self.labels[0]} (most likely {self.classes[top]})"
+        return Prediction(label=label, diagnoses=tuple((self.classes[i], float(dist[i])) for i in order),
+                          malignant_probability=malignant_p, malignant=suspected, **base)
 
     def to_probability(self, score: float) -> float:
         """The calibrated probability of a raw score (the score itself without calibration)."""
@@ -198,5 +259,6 @@ class Classifier:
                 "input_quantization": {"scale": float(q[0]), "zero_point": int(q[1])},
                 "output_dtype": np.dtype(self._output["dtype"]).name,
                 "threshold": self.threshold, "score_threshold": self.score_threshold,
-                "calibration": self.calibration, "labels": self.labels,
+                "calibration": self.calibration, "labels": self.labels, "classes": self.classes,
+                "melanoma_rule": self.rule, "malignant_threshold": self.malignant_threshold,
                 "preprocessing": self.meta["preprocessing"]}

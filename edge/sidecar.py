@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .preprocess import PreprocessSpec
+from .scores import SCORE_RULES
 
 SCHEMA_VERSION = 1
 DISCLAIMER = ("Screening aid for research use only, not a diagnosis and not a medical device. "
@@ -93,6 +94,26 @@ def check_sidecar(meta, path: Path) -> None:
     if cal is not None and not (isinstance(cal, dict) and cal.get("method") == "platt"
                                 and all(isinstance(cal.get(k), (int, float)) for k in ("a", "b")) and cal["a"] > 0):
         bad("calibration", f"must be {{'method': 'platt', 'a': > 0, 'b': number}} or absent, found {cal!r}")
+    classes = meta.get("classes")
+    if classes is not None:
+        if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)
+                and "melanoma" in classes):
+            bad("classes", f"must list the diagnosis names, melanoma among them, found {classes!r}")
+        out_shape = meta["output"].get("shape")
+        if out_shape != [1, 1 + len(classes)]:
+            bad("output.shape", f"must be [1, {1 + len(classes)}] (melanoma head + {len(classes)} classes), "
+                                f"found {out_shape!r}")
+        malignant = meta.get("malignant_classes", [])
+        if not (isinstance(malignant, list) and all(c in classes for c in malignant)):
+            bad("malignant_classes", f"must be a list of names from 'classes', found {malignant!r}")
+    if meta.get("melanoma_rule", "binary") not in SCORE_RULES:
+        bad("melanoma_rule", f"must be one of {list(SCORE_RULES)}, found {meta.get('melanoma_rule')!r}")
+    mt = meta.get("malignant_threshold")
+    if mt is not None and not (isinstance(mt, (int, float)) and not isinstance(mt, bool) and 0 <= mt <= 1):
+        bad("malignant_threshold", f"must be a number from 0 to 1 or absent, found {mt!r}")
+    temp = (cal or {}).get("diagnosis_temperature", 1.0)
+    if not (isinstance(temp, (int, float)) and 0.05 <= temp <= 20):
+        bad("calibration.diagnosis_temperature", f"must be a number from 0.05 to 20, found {temp!r}")
     for key in ("sha256", "model", "variant"):
         if not isinstance(meta[key], str):
             bad(key, "must be a string")

@@ -57,6 +57,11 @@ class Run:
     def y(self):
         return self.rows["target"].to_numpy().astype("float32")
 
+    @property
+    def dx(self):
+        """Diagnosis indices (train.data.DIAGNOSES, -1 unknown) for a multi-task run, else None."""
+        return self.rows["dx"].to_numpy().astype("int32") if self.cfg.target == "multitask" else None
+
 
 def prune(run: Run, sparsity: float, epochs: int, lr: float):
     """Prune the run's model; writes <run>/pruned.h5 and <run>/prune_report.json."""
@@ -70,7 +75,7 @@ def prune(run: Run, sparsity: float, epochs: int, lr: float):
     pruned = P.apply_pruning(run.model, cfg.backbone, first, sparsity, 0, max(1, int(steps * 0.8)))
     t0 = time.time()
     P.fine_tune_pruned(pruned, run.pixels, run.y, run.index("train"), epochs, lr, cfg.batch_size, cfg.seed,
-                       cfg.class_weighting)
+                       cfg.class_weighting, dx=run.dx)
     stripped = P.strip(pruned)
     save_keras_model(stripped, run.path / "pruned.h5")
     layers = P.sparsity_report(stripped)
@@ -93,7 +98,7 @@ def qat(run: Run, images: int, lr: float, epochs: int, calibration: int):
     cfg = run.cfg
     t0 = time.time()
     model, done = quantize_aware(run.model, run.pixels, run.y, run.index("train"), images, lr, cfg.batch_size,
-                                 cfg.seed, cfg.class_weighting, calibration=calibration, epochs=epochs)
+                                 cfg.seed, cfg.class_weighting, calibration=calibration, epochs=epochs, dx=run.dx)
     info = {"method": "quantization-aware training (tfmot) + int8 conversion", **done,
             "qat_seconds": round(time.time() - t0), "not_quantized_in_training": "Rescaling (input scaling)"}
     log(f"QAT fine-tune on {info['qat_images']} images in {info['qat_seconds']}s")
@@ -120,7 +125,7 @@ def convert(run: Run, variants: list[str], out_dir: Path, calibration: int, prun
     from edge import gzip_size
     from . import convert as C
     out_dir.mkdir(parents=True, exist_ok=True)
-    keras_probs = C.keras_predictions(run.model, run.rows, run.pixels)
+    keras_probs = C.keras_predictions(run.model, run.rows, run.pixels, run.metrics.get("melanoma_rule", "binary"))
     rep, n_cal = C.representative_data(run.pixels, run.index("train"), calibration, run.cfg.seed)
     results = []
     for variant in variants:

@@ -13,6 +13,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from edge import DISCLAIMER, make_interpreter, write_sidecar
+from edge.scores import diagnosis_distribution, fit_temperature, melanoma_score, tempered
 from edge.sidecar import sidecar_path
 from train.backbones import REGISTRY
 from train.config import TrainConfig
@@ -59,7 +60,7 @@ def convert(model: keras.Model, variant: str, rep_data=None) -> tuple[bytes, dic
     return conv.convert(), {"description": how[variant]}
 
 
-def io_spec(tflite_bytes: bytes) -> tuple[dict, dict]:
+def io_spec(tflite_bytes: bytes, classes: list[str] | None = None) -> tuple[dict, dict]:
     """Input and output tensor specs as the interpreter reports them."""
     it, _ = make_interpreter(tflite_bytes)
 
@@ -68,7 +69,22 @@ def io_spec(tflite_bytes: bytes) -> tuple[dict, dict]:
         return {"shape": [int(s) for s in d["shape"]], "dtype": np.dtype(d["dtype"]).name,
                 "quantization": {"scale": float(scale), "zero_point": int(zp)} if scale else None}
     i, o = it.get_input_details()[0], it.get_output_details()[0]
-    return spec(i), {**spec(o), "meaning": "probability of melanoma (target = 1)"}
+    if not classes:
+        return spec(i), {**spec(o), "meaning": "probability of melanoma (target = 1)"}
+    return spec(i), {**spec(o), "meaning": "column 0: the melanoma head's sigmoid; columns 1..: the diagnosis "
+                                           "head's softmax over `classes`; the melanoma score is read by "
+                                           "`melanoma_rule` (edge.scores)",
+                     "columns": ["melanoma (melanoma head)"] + [f"{c} (diagnosis head)" for c in classes]}
+
+
+def heads(run_metrics: dict) -> dict:
+    """The sidecar fields of a multi-task model (nothing for a binary one)."""
+    from train.data import MALIGNANT
+    classes = run_metrics.get("classes")
+    if not classes:
+        return {}
+    return {"classes": list(classes), "malignant_classes": list(MALIGNANT),
+            "melanoma_rule": run_metrics.get("melanoma_rule", "mean")}
 
 
 def export(model_bytes: bytes, out_path: Path, *, backbone: str, variant: str, quantization: dict,
@@ -76,16 +92,18 @@ def export(model_bytes: bytes, out_path: Path, *, backbone: str, variant: str, q
            extra: dict | None = None, threads: int = 2) -> dict:
     """Write the .tflite and its sidecar; its threshold and metrics come from this very file."""
     out_path.write_bytes(model_bytes)
-    inp, outp = io_spec(model_bytes)
-    spec = TrainConfig.from_dict(cfg).preprocess_spec()
+    head = heads(run_metrics)
+    inp, outp = io_spec(model_bytes, head.get("classes"))
+    spec = TrainConfig.from_saved(cfg).preprocess_spec()
     provisional = {"model": backbone, "variant": variant, "input": inp, "output": outp,
                    "preprocessing": spec.to_dict(), "labels": LABELS, "threshold": 0.5,
-                   "metrics": {}, "provenance": {}, "config": cfg}
+                   "metrics": {}, "provenance": {}, "config": cfg, **head}
     write_sidecar(out_path, provisional)  # lets the edge runner load the file for evaluation
     keep = rows.index[rows["split"].isin(["val", "test"])].to_numpy()
     t0 = time.time()
     try:
-        probs = predict_tflite(out_path, pixels, keep, threads)
+        raw = predict_tflite(out_path, pixels, keep, threads, raw=True)
+        probs = melanoma_score(raw, head.get("melanoma_rule", "binary"))
     except BaseException:
         # never leave a model behind with a provisional (unvalidated) threshold
         out_path.unlink(missing_ok=True)
@@ -97,13 +115,18 @@ def export(model_bytes: bytes, out_path: Path, *, backbone: str, variant: str, q
     report = full_report(calibrated, calibration.get("probability_threshold", threshold["threshold"]),
                          cfg["bootstrap"], cfg["seed"])
     parity = parity_report(preds, keras_probs)
+    dx_metrics = {}
+    if head:
+        dx_metrics = diagnosis_report(calibrated, raw, rows.loc[keep, "dx"].to_numpy(), head, calibration,
+                                      cfg["target_sensitivity"], cfg["bootstrap"], cfg["seed"])
+        head["malignant_threshold"] = dx_metrics["malignant"]["threshold"]
     meta = {
         "model": backbone, "variant": variant, "input": inp, "output": outp,
         "preprocessing": {**spec.to_dict(), "normalization": REGISTRY[backbone][1].input_scaling},
-        "labels": LABELS, "threshold": threshold["threshold"], "threshold_policy": threshold,
+        "labels": LABELS, "threshold": threshold["threshold"], "threshold_policy": threshold, **head,
         **({"calibration": calibration} if calibration.get("method") == "platt" else {"calibration_skipped": calibration}),
         "quantization": quantization,
-        "metrics": {"computed_with": "this .tflite file through edge.Classifier", **report,
+        "metrics": {"computed_with": "this .tflite file through edge.Classifier", **report, **dx_metrics,
                     "parity_vs_keras_float": parity, "evaluation_seconds": round(time.time() - t0, 1)},
         "provenance": {"datasets": run_metrics.get("provenance", []), "licence": LICENCE_NOTE,
                        "split": "StratifiedGroupKFold by patient/lesion, seed "
@@ -138,6 +161,46 @@ def calibrate(preds: pd.DataFrame, score_threshold: float) -> tuple[pd.DataFrame
                    "the decision stays score >= threshold (the same images)"}
 
 
+def diagnosis_report(preds: pd.DataFrame, raw: np.ndarray, dx: np.ndarray, head: dict, calibration: dict,
+                     target_sensitivity: float, bootstrap: int, seed: int) -> dict:
+    """Fit the diagnosis head's temperature on validation (stored in `calibration`), choose the
+    malignant threshold on validation (sensitivity `target_sensitivity` for melanoma + BCC +
+    AK/IEC among images with a known diagnosis), and measure both on test, per class and per
+    source, with the distribution the runner shows (edge.scores.diagnosis_distribution)."""
+    from train.metrics import binary_metrics, metrics_by_source, roc_auc, threshold_for_sensitivity
+    classes = head["classes"]
+    mel, malignant = classes.index("melanoma"), [classes.index(c) for c in head["malignant_classes"]]
+    val, test = (preds["split"] == "val").to_numpy(), (preds["split"] == "test").to_numpy()
+    known = dx >= 0
+    temperature = fit_temperature(raw[val & known, 1:], dx[val & known])
+    calibration["diagnosis_temperature"] = temperature
+    dist = diagnosis_distribution(preds["probability"].to_numpy(), tempered(raw[:, 1:], temperature), mel)
+    p_malignant = dist[:, malignant].sum(axis=1)
+    y_malignant = np.isin(dx, malignant) | (preds["target"].to_numpy() == 1)
+    judged = known | y_malignant  # a non-melanoma of unknown diagnosis may be malignant: not judged
+    t = threshold_for_sensitivity(y_malignant[val & judged], p_malignant[val & judged], target_sensitivity)
+    sel = test & judged
+    per_class = {}
+    for k, name in enumerate(classes):
+        yk = (dx[test & known] == k)
+        per_class[name] = {"n": int(yk.sum()), "roc_auc": roc_auc(yk, dist[test & known, k]) if 0 < yk.sum() < len(yk) else None,
+                           "recall_top1": float(np.mean(dist[test & known][yk].argmax(axis=1) == k)) if yk.any() else None}
+    top1 = dist[test & known].argmax(axis=1) == dx[test & known]
+    return {
+        "diagnosis": {"classes": classes, "temperature": temperature, "temperature_fitted_on": "validation split",
+                      "test_known_n": int((test & known).sum()), "test_top1_accuracy": float(top1.mean()),
+                      "test_balanced_accuracy": float(np.nanmean([v["recall_top1"] for v in per_class.values()
+                                                                  if v["recall_top1"] is not None])),
+                      "per_class": per_class},
+        "malignant": {"classes": head["malignant_classes"], "threshold": float(t), "chosen_on": "validation split",
+                      "target_sensitivity": target_sensitivity,
+                      "val": binary_metrics(y_malignant[val & judged], p_malignant[val & judged], t, bootstrap=0),
+                      "test": metrics_by_source(y_malignant[sel], p_malignant[sel], preds["source"].to_numpy()[sel],
+                                                t, bootstrap, seed),
+                      "judged_on": "images with a known diagnosis, and every melanoma"},
+    }
+
+
 def parity_report(preds: pd.DataFrame, keras_probs: np.ndarray) -> dict:
     """Test-split agreement of this file with the float Keras model it came from."""
     from train.metrics import roc_auc
@@ -150,6 +213,6 @@ def parity_report(preds: pd.DataFrame, keras_probs: np.ndarray) -> dict:
             "abs_prob_diff_max": float(d.max())}
 
 
-def keras_predictions(model: keras.Model, rows: pd.DataFrame, pixels) -> np.ndarray:
+def keras_predictions(model: keras.Model, rows: pd.DataFrame, pixels, rule: str = "binary") -> np.ndarray:
     keep = rows.index[rows["split"].isin(["val", "test"])].to_numpy()
-    return predict_keras(model, pixels, keep)
+    return predict_keras(model, pixels, keep, rule=rule)

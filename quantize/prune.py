@@ -11,7 +11,8 @@ import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
 from train.backbones import block_index
-from train.batching import batches, class_weights
+from train.batching import batches
+from train.optim import keras_objective
 from train.model import backbone_layers
 
 PRUNABLE = (keras.layers.Conv2D, keras.layers.Dense)  # DepthwiseConv2D is a Conv2D subclass: excluded below
@@ -53,11 +54,12 @@ def apply_pruning(model: keras.Model, backbone: str, first_block: int, sparsity:
 
 
 def fine_tune_pruned(pruned: keras.Model, pixels, y: np.ndarray, train_idx: np.ndarray, epochs: int,
-                     lr: float, batch: int, seed: int, weighting: str = "balanced") -> None:
-    stream = batches(pixels, y, train_idx, batch, np.random.default_rng(seed),
-                     class_weights(y[train_idx], weighting), epochs=epochs)
+                     lr: float, batch: int, seed: int, weighting: str = "balanced", dx: np.ndarray | None = None) -> None:
+    """The pruning fine-tune, on the training objective (multi-task when `dx` is given)."""
+    loss, labels, weights = keras_objective(y, dx, train_idx, weighting)
+    stream = batches(pixels, labels, train_idx, batch, np.random.default_rng(seed), weights, epochs=epochs)
     steps = (len(train_idx) // batch) * epochs
-    pruned.compile(keras.optimizers.Adam(lr), "binary_crossentropy")
+    pruned.compile(keras.optimizers.Adam(lr), loss)
     pruned.fit(stream, steps_per_epoch=steps, epochs=1, verbose=2,
                callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
 

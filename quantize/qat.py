@@ -23,7 +23,8 @@ import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 from tensorflow_model_optimization.python.core.quantization.keras import quant_ops
 
-from train.batching import batches, class_weights
+from train.batching import batches
+from train.optim import keras_objective
 from train.model import augment
 
 SKIP = (keras.layers.Rescaling, keras.layers.InputLayer)
@@ -86,7 +87,7 @@ def calibrate_ranges(q: keras.Model, stream) -> int:
 
 def quantize_aware(model: keras.Model, pixels, y: np.ndarray, train_idx: np.ndarray, images: int, lr: float,
                    batch: int, seed: int, weighting: str = "balanced", calibration: int = 512,
-                   epochs: int = 1) -> tuple[keras.Model, dict]:
+                   epochs: int = 1, dx: np.ndarray | None = None) -> tuple[keras.Model, dict]:
     """Range calibration on `calibration` images, then a QAT fine-tune on `images` augmented
     training-split images for `epochs` (BatchNorm stays frozen). Returns the QAT model and what was done."""
     q = fake_quant_model(model)
@@ -96,9 +97,10 @@ def quantize_aware(model: keras.Model, pixels, y: np.ndarray, train_idx: np.ndar
     pick = rng.permutation(train_idx)[:images]
     batch = min(batch, len(pick))
     g = tf.random.Generator.from_seed(seed)
+    loss, labels, weights = keras_objective(y, dx, train_idx, weighting)  # the training objective (multi-task too)
     stream = ((augment(x, g), yb, wb) for x, yb, wb in  # the training run's augmentation: no drift to un-augmented data
-              batches(pixels, y, pick, batch, rng, class_weights(y[train_idx], weighting), epochs=epochs))
-    q.compile(keras.optimizers.Adam(lr), "binary_crossentropy")
+              batches(pixels, labels, pick, batch, rng, weights, epochs=epochs))
+    q.compile(keras.optimizers.Adam(lr), loss)
     q.fit(stream, steps_per_epoch=len(pick) // batch, epochs=epochs, verbose=2)
     return q, {"qat_images": len(pick), "qat_lr": lr, "qat_epochs": epochs,
                "range_calibration_images": len(cal), "range_calibration_steps": steps}

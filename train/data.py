@@ -29,6 +29,42 @@ import pandas as pd
 from edge.preprocess import IMAGE_SUFFIXES, ImageError, PreprocessSpec, preprocess_uint8
 
 POSITIVE_FOLDERS = {"melanoma", "malignant", "mel"}
+
+# The shared diagnosis taxonomy (HAM10000's seven classes; ISIC 2017's seborrheic keratosis is a
+# benign keratosis). Each source's diagnosis text maps onto it; anything else (ISIC 2018 test rows
+# without a published diagnosis, "malignant" class folders) is "other/unknown": index -1, left
+# out of the diagnosis loss but kept for the melanoma target.
+DIAGNOSES = ("melanoma", "nevus", "benign keratosis", "basal cell carcinoma",
+             "actinic keratosis / intraepithelial carcinoma", "dermatofibroma", "vascular lesion")
+MALIGNANT = ("melanoma", "basal cell carcinoma", "actinic keratosis / intraepithelial carcinoma")
+UNKNOWN_DIAGNOSIS = "other/unknown"
+_DIAGNOSIS_ALIASES = {
+    "melanoma": 0, "mel": 0, "melanoma metastasis": 0,
+    "nevus": 1, "nv": 1, "naevus": 1, "benign nevus": 1,
+    "benign keratosis": 2, "bkl": 2, "seborrheic keratosis": 2, "solar lentigo": 2,
+    "lentigo nos": 2, "lichenoid keratosis": 2, "benign keratosis-like lesions": 2, "pigmented benign keratosis": 2,
+    "basal cell carcinoma": 3, "bcc": 3,
+    "actinic keratosis/intraepithelial carcinoma": 4, "actinic keratosis": 4, "akiec": 4,
+    "squamous cell carcinoma in situ": 4, "intraepithelial carcinoma": 4, "bowen's disease": 4,
+    "dermatofibroma": 5, "df": 5,
+    "vascular lesion": 6, "vasc": 6, "angioma": 6, "angiokeratoma": 6, "pyogenic granuloma": 6,
+}
+
+
+def diagnosis_index(text, target: int | None = None) -> int:
+    """Index in DIAGNOSES of a source's diagnosis text, -1 for other/unknown. A melanoma target
+    with no usable diagnosis text is still a melanoma."""
+    key = str(text or "").strip().lower()
+    if key in _DIAGNOSIS_ALIASES:
+        return _DIAGNOSIS_ALIASES[key]
+    return 0 if target == 1 else -1
+
+
+def diagnosis_summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """Counts per source x diagnosis (the data check reports how each source mapped)."""
+    names = rows["dx"].map(lambda i: DIAGNOSES[i] if i >= 0 else UNKNOWN_DIAGNOSIS)
+    return rows.assign(diagnosis_mapped=names).pivot_table(
+        index="source", columns="diagnosis_mapped", values="image", aggfunc="count", fill_value=0).reset_index()
 SPLITS = ("train", "val", "test")
 PROBLEM_COLUMNS = ["source", "row", "image", "reason"]
 
@@ -127,7 +163,9 @@ def read_isic_archive(root: Path, source: str) -> pd.DataFrame:
     rows = []
     for i, r in enumerate(df.to_dict("records")):
         label_cols = [c for c in ("diagnosis_1", "diagnosis_2", "diagnosis_3", "diagnosis", "benign_malignant") if c in r]
-        rows.append({**r, "image": r["isic_id"], "target": _archive_target(r), "row": i + 2,
+        finest = next((str(r[f"diagnosis_{k}"]) for k in (5, 4, 3, 2) if str(r.get(f"diagnosis_{k}", "")).strip()), "")
+        rows.append({**r, "diagnosis": r.get("diagnosis") or finest,
+                     "image": r["isic_id"], "target": _archive_target(r), "row": i + 2,
                      "path": _find_image(root, r["isic_id"]),
                      "label_raw": " / ".join(str(r[c]) for c in label_cols)})
     out = pd.DataFrame(rows)
@@ -197,6 +235,8 @@ def read_source(root: Path | str, layout: str | None = None, name: str | None = 
     bad_rows = {(p[1]) for p in problems}
     ok = df[~df["row"].isin(bad_rows)].copy()
     ok["target"] = ok["target"].astype(int)
+    diagnosis = ok["diagnosis"] if "diagnosis" in ok.columns else pd.Series("", index=ok.index)
+    ok["dx"] = [diagnosis_index(d, t) for d, t in zip(diagnosis, ok["target"])]
     ok["path"] = ok["path"].map(str)
     return Dataset(ok.drop(columns=["source_name", "label_raw"]), pd.DataFrame(problems, columns=PROBLEM_COLUMNS),
                    [_provenance(root, layout, ok)])
@@ -367,6 +407,8 @@ def main(argv=None) -> int:
     rows = ds.rows[~ds.rows["image"].isin(set(problems["image"]))]
     rows = rows.assign(split=make_splits(rows, args.val, args.test, args.seed))
     print(split_summary(rows).to_string(index=False))
+    print("diagnoses (train.data.DIAGNOSES; other/unknown is left out of the diagnosis loss):")
+    print(diagnosis_summary(rows).to_string(index=False))
     if args.problems:
         problems.to_csv(args.problems, index=False)
     return 1 if len(problems) else 0

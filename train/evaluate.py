@@ -22,21 +22,30 @@ from .metrics import binary_metrics, metrics_by_source, roc_points, threshold_fo
 
 # --------------------------------------------------------------------------- predictions
 def predict_tflite(model_path: Path, pixels: np.ndarray, idx: np.ndarray, threads: int | None = 2,
-                   tta: bool = False) -> np.ndarray:
-    """Raw scores for pixels[idx] through edge.Classifier (the shipped code path); `tta`
-    averages the 8 flips/rotations as `python -m edge predict --tta` does."""
+                   tta: bool = False, raw: bool = False) -> np.ndarray:
+    """Raw melanoma scores for pixels[idx] through edge.Classifier (the shipped code path); `tta`
+    averages the 8 flips/rotations as `python -m edge predict --tta` does. With `raw`, every
+    output column (N, columns)."""
     from edge import Classifier
     clf = Classifier(model_path, num_threads=threads)
-    predict = clf.predict_tta if tta else clf.predict_array
+    if raw:
+        predict = clf.predict_scores_tta if tta else clf.predict_scores
+    else:
+        predict = clf.predict_tta if tta else clf.predict_array
     return np.array([predict(np.asarray(pixels[i], dtype=np.float32))[0] for i in idx])
 
 
-def predict_keras(model, pixels: np.ndarray, idx: np.ndarray, batch: int = 64) -> np.ndarray:
+def predict_keras(model, pixels: np.ndarray, idx: np.ndarray, batch: int = 64, rule: str | None = "mean") -> np.ndarray:
+    """Melanoma scores (N,) of pixels[idx], read from a multi-task model's columns by `rule`
+    (edge.scores); with rule=None the raw outputs (N, columns)."""
+    from edge.scores import melanoma_score
     out = []
     for s in range(0, len(idx), batch):
         x = np.asarray(pixels[idx[s:s + batch]], dtype=np.float32)
-        out.append(model(x, training=False).numpy().reshape(-1))
-    return np.concatenate(out) if out else np.zeros(0)
+        y = model(x, training=False).numpy()
+        out.append(y.reshape(len(x), -1))
+    raw = np.concatenate(out) if out else np.zeros((0, 1))
+    return raw if rule is None else melanoma_score(raw, rule)
 
 
 # --------------------------------------------------------------------------- report
@@ -142,8 +151,9 @@ def model_predictions(run_dir: Path | None, model_path: Path | None, pixels, idx
         return predict_tflite(model_path, pixels, idx, threads, tta), read_sidecar(model_path)["threshold"]
     if tta:
         raise ValueError("--tta evaluates .tflite files (through the edge runner)")
-    threshold = json.loads((run_dir / "metrics.json").read_text())["threshold"]["threshold"]
-    return predict_keras(load_keras_model(model_path), pixels, idx), threshold
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    rule = metrics.get("melanoma_rule", "mean")  # chosen on validation (multi-task runs)
+    return predict_keras(load_keras_model(model_path), pixels, idx, rule=rule), metrics["threshold"]["threshold"]
 
 
 def evaluate_external(run_dir: Path, model_path: Path | None, data: list[str], threads: int | None = 2):

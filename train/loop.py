@@ -17,7 +17,8 @@ import tensorflow as tf
 import tf_keras as keras
 from tqdm import tqdm
 
-from .batching import class_weights, distributed_dataset
+from .batching import class_weights, diagnosis_weights, distributed_dataset
+from .data import DIAGNOSES
 from .config import TrainConfig
 from .evaluate import predict_keras
 from .metrics import roc_auc
@@ -32,6 +33,7 @@ class TrainingData:
     y: np.ndarray  # (N,) float32 melanoma labels
     train_idx: np.ndarray
     val_idx: np.ndarray
+    dx: np.ndarray | None = None  # (N,) int diagnosis index (train.data.DIAGNOSES), -1 unknown; None: binary
 
 
 @dataclass
@@ -53,18 +55,20 @@ def restore(manager: tf.train.CheckpointManager, ckpt, history: Path, metric: st
 
 
 def run_epoch(train_step, strategy, data: TrainingData, cfg: TrainConfig, epoch: int) -> float:
-    dataset, steps = distributed_dataset(strategy, data.pixels, data.y, data.train_idx, cfg.batch_size, cfg.seed, epoch)
+    dataset, steps = distributed_dataset(strategy, data.pixels, data.y, data.train_idx, cfg.batch_size, cfg.seed, epoch,
+                                         dx=data.dx)
     losses = []
     with tqdm(total=steps * cfg.batch_size, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img", mininterval=20,
               disable=None) as bar:  # None: no bar when stderr is not a terminal (logs)
-        for x, t in dataset:
-            losses.append(float(train_step(x, t)))
+        for x, t, d in dataset:
+            losses.append(float(train_step(x, t, d)))
             bar.update(cfg.batch_size)
     return float(np.mean(losses))
 
 
 def validate(model, ema: EMA | None, data: TrainingData) -> tuple[float, float | None]:
-    """Validation AUC of the weights and, with EMA, of the EMA weights (left swapped in)."""
+    """Validation AUC of the weights and, with EMA, of the EMA weights (left swapped in); a
+    multi-task model is scored by the mean of its two melanoma columns (edge.scores)."""
     auc = roc_auc(data.y[data.val_idx], predict_keras(model, data.pixels, data.val_idx))
     if ema is None:
         return auc, None
@@ -86,7 +90,10 @@ def fine_tune(cfg: TrainConfig, model: keras.Model, num_blocks: int, data: Train
         gen = tf.random.Generator.from_seed(cfg.seed)
     train_step = make_train_step(model, opt, strategy, global_batch=cfg.batch_size,
                                  class_weight=class_weights(data.y[data.train_idx], cfg.class_weighting),
-                                 weight_decay=cfg.weight_decay, augment_gen=gen if cfg.augment else None, ema=ema)
+                                 weight_decay=cfg.weight_decay, augment_gen=gen if cfg.augment else None, ema=ema,
+                                 diagnosis_weights=None if data.dx is None else
+                                 diagnosis_weights(data.dx[data.train_idx], len(DIAGNOSES), cfg.class_weighting),
+                                 diagnosis_weight=cfg.diagnosis_weight)
     # -- checkpoints (resume)
     ckpt = tf.train.Checkpoint(model=model, optimizer=opt, gen=gen, epoch=tf.Variable(0),
                                **({"ema": ema.shadow} if ema else {}))

@@ -11,13 +11,22 @@ import tf_keras as keras
 from .backbones import BackboneInfo, block_index, build_backbone
 
 
+HEAD_LAYERS = ("melanoma", "diagnosis", "scores", "head_dropout")
+
+
 def build_classifier(backbone: str, image_size: int = 224, dropout: float = 0.3,
-                     weights: str | None = "imagenet") -> tuple[keras.Model, BackboneInfo]:
-    """0..255 RGB pixels -> P(melanoma). The sigmoid is inside, so exports output a probability."""
+                     weights: str | None = "imagenet", diagnoses: int = 0) -> tuple[keras.Model, BackboneInfo]:
+    """0..255 RGB pixels -> scores. With `diagnoses` = 0: (N, 1) P(melanoma). Otherwise (N, 1 +
+    diagnoses): column 0 the melanoma head's sigmoid, then the diagnosis head's softmax over
+    train.data.DIAGNOSES (multi-task: two linear heads on one pooled embedding). Activations are
+    inside, so exports output probabilities."""
     base, info = build_backbone(backbone, (image_size, image_size, 3),
                                 weights=None if weights in (None, "none") else weights)
     x = keras.layers.Dropout(dropout, name="head_dropout")(base.output)
     out = keras.layers.Dense(1, activation="sigmoid", name="melanoma")(x)
+    if diagnoses:
+        dx = keras.layers.Dense(diagnoses, activation="softmax", name="diagnosis")(x)
+        out = keras.layers.Concatenate(name="scores")([out, dx])
     return keras.Model(base.input, out, name=f"{backbone}_melanoma"), info
 
 
@@ -38,7 +47,7 @@ def set_trainable(model: keras.Model, backbone: str, top_blocks: int, num_blocks
         if isinstance(layer, keras.Model):
             layer.trainable = True
     for layer in backbone_layers(model):
-        if layer.name in ("melanoma", "head_dropout"):
+        if layer.name in HEAD_LAYERS:
             layer.trainable = True
             continue
         if isinstance(layer, keras.layers.BatchNormalization) or not layer.weights:
@@ -52,7 +61,7 @@ def set_trainable(model: keras.Model, backbone: str, top_blocks: int, num_blocks
 
 def freeze_backbone(model: keras.Model) -> None:
     for layer in backbone_layers(model):
-        layer.trainable = layer.name in ("melanoma", "head_dropout")
+        layer.trainable = layer.name in HEAD_LAYERS
 
 
 def augment(images: tf.Tensor, g: tf.random.Generator) -> tf.Tensor:

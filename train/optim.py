@@ -5,6 +5,9 @@ from . import tfenv  # noqa: F401
 import tensorflow as tf
 import tf_keras as keras
 
+import numpy as np
+
+from .data import DIAGNOSES
 from .model import augment
 
 
@@ -38,22 +41,53 @@ class EMA:
             v.assign(b)
 
 
+def per_image_loss(out, t, d, class_weight: tuple[float, float], dx_w=None, diagnosis_weight: float = 1.0):
+    """The training objective per image: class-weighted binary cross-entropy of the melanoma
+    column (out[:, 0]) and, for a multi-task model, the class-weighted diagnosis cross-entropy
+    of the softmax columns (out[:, 1:]), left out where the diagnosis is unknown (d = -1)."""
+    w0, w1 = class_weight
+    t = tf.cast(t, tf.float32)
+    loss = keras.losses.binary_crossentropy(t[:, None], out[:, :1]) * tf.where(t > 0.5, w1, w0)
+    if dx_w is not None:
+        d = tf.cast(d, tf.int32)
+        d0 = tf.maximum(d, 0)
+        ce = keras.losses.sparse_categorical_crossentropy(d0, out[:, 1:])
+        loss += diagnosis_weight * ce * tf.where(d >= 0, tf.gather(tf.constant(dx_w, tf.float32), d0), 0.0)
+    return loss
+
+
+def keras_objective(y, dx, idx, weighting: str, diagnosis_weight: float = 1.0):
+    """(loss, labels, per-class weights) for Keras `fit` on batching.batches (pruning and QAT
+    fine-tunes): the binary loss with class weights as sample weights, or for a multi-task
+    model (dx given) the same objective as the training loop, labels (N, 2) = (target, dx)."""
+    from .batching import class_weights, diagnosis_weights
+    if dx is None:
+        return "binary_crossentropy", y, class_weights(y[idx], weighting)
+    cw = class_weights(y[idx], weighting)
+    dx_w = diagnosis_weights(dx[idx], len(DIAGNOSES), weighting)
+
+    def loss(y_true, y_pred):
+        return per_image_loss(y_pred, y_true[:, 0], y_true[:, 1], cw, dx_w, diagnosis_weight)
+    return loss, np.stack([y, dx], axis=1).astype(np.float32), (1.0, 1.0)
+
+
 def make_train_step(model, optimizer, strategy, *, global_batch: int, class_weight: tuple[float, float],
                     weight_decay: float = 0.0, augment_gen: tf.random.Generator | None = None,
-                    ema: EMA | None = None):
+                    ema: EMA | None = None, diagnosis_weights=None, diagnosis_weight: float = 1.0):
     """A tf.function (per-replica images, labels) -> global mean loss, for batches from
     `batching.distributed_dataset`. Each replica averages its share over the *global* batch
     and scales the L2 term by 1/replicas, so the summed gradients equal one device's on the
-    whole batch (https://www.tensorflow.org/tutorials/distribute/custom_training#define_the_loss_function)."""
-    w0, w1 = class_weight
+    whole batch (https://www.tensorflow.org/tutorials/distribute/custom_training#define_the_loss_function).
+    A multi-task model (output columns 1.. the diagnosis softmax) adds the diagnosis cross-entropy,
+    weighted per class by `diagnosis_weights` and left out where the diagnosis is unknown (-1)."""
     kernels = [v for v in model.trainable_variables if "kernel" in v.name]
 
-    def replica_step(x, t):
+    def replica_step(x, t, d):
         if augment_gen is not None:
             x = augment(x, augment_gen)
         with tf.GradientTape() as tape:
-            p = model(tf.cast(x, tf.float32), training=True)[:, 0]
-            per_image = keras.losses.binary_crossentropy(t[:, None], p[:, None]) * tf.where(t > 0.5, w1, w0)
+            out = model(tf.cast(x, tf.float32), training=True)
+            per_image = per_image_loss(out, t, d, class_weight, diagnosis_weights, diagnosis_weight)
             loss = tf.nn.compute_average_loss(per_image, global_batch_size=global_batch)
             if weight_decay:
                 l2 = weight_decay * tf.add_n([tf.reduce_sum(tf.square(k)) for k in kernels])
@@ -63,8 +97,8 @@ def make_train_step(model, optimizer, strategy, *, global_batch: int, class_weig
         return loss
 
     @tf.function
-    def train_step(x, t):
-        loss = strategy.reduce("SUM", strategy.run(replica_step, args=(x, t)), axis=None)
+    def train_step(x, t, d):
+        loss = strategy.reduce("SUM", strategy.run(replica_step, args=(x, t, d)), axis=None)
         if ema is not None:
             ema.update(optimizer.iterations)
         return loss

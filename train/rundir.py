@@ -93,7 +93,9 @@ def decode_progress():
 
 
 def save_splits(run_dir: Path, rows: pd.DataFrame, problems: pd.DataFrame, log) -> None:
-    rows[["image", "source", "dataset", "group", "split", "target"]].to_csv(run_dir / "splits.csv", index=False)
+    rows[["image", "source", "dataset", "group", "split", "target", "dx"]].to_csv(run_dir / "splits.csv", index=False)
+    log("diagnoses (train.data.DIAGNOSES; other/unknown is left out of the diagnosis loss):\n"
+        + D.diagnosis_summary(rows).to_string(index=False))
     problems.to_csv(run_dir / "problems.csv", index=False)
     summary = D.split_summary(rows)
     log("split summary:\n" + summary.to_string(index=False))
@@ -116,7 +118,7 @@ def load_sidecar_data(model_path: Path) -> tuple[pd.DataFrame, np.ndarray, Train
     (for files whose run folder is gone); refused if the data no longer gives the same counts."""
     from edge import read_sidecar
     meta = read_sidecar(model_path)
-    cfg = TrainConfig.from_dict(meta["config"])
+    cfg = TrainConfig.from_saved(meta["config"])
     rows, pixels, _, _ = prepare_data(cfg, log=lambda m: None)
     if rows["split"].value_counts().to_dict() != meta["provenance"]["split_counts"]:
         raise ValueError(f"{Path(model_path).name}: the data no longer gives the split its sidecar records")
