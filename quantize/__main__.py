@@ -140,7 +140,7 @@ def convert(run: Run, variants: list[str], out_dir: Path, calibration: int, prun
         name = f"{run.cfg.backbone}_{variant}.tflite"
         meta = C.export(data, out_dir / name, backbone=run.cfg.backbone, variant=variant, quantization=quant,
                         cfg=run.cfg.to_dict(), run_metrics=run.metrics, rows=run.rows, pixels=run.pixels,
-                        keras_probs=keras_probs, extra=extra)
+                        keras_probs=keras_probs, extra={**extra, "head": C.head_weights(src)})
         m, par = meta["metrics"]["test"]["all"], meta["metrics"]["parity_vs_keras_float"]
         results.append({"file": name, "size_bytes": len(data), "gzip_bytes": gzip_size(data),
                         "test_auc": m["roc_auc"], "test_auc_ci95": m["roc_auc_ci95"], "sensitivity": m["sensitivity"],

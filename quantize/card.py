@@ -28,7 +28,15 @@ class CardError(ValueError):
     """No sidecar of the default model in the folder."""
 
 
-def render(models_dir: Path) -> str:
+def leave_source_out(reports_dir: Path) -> list[dict]:
+    """The leave-source-out reports (`python -m train.evaluate --data ... --out
+    reports/leave_source_out/NAME`), oldest recipe first."""
+    found = [json.loads(p.read_text()) for p in sorted(Path(reports_dir).glob("leave_source_out/*/metrics.json"))]
+    return sorted(found, key=lambda r: (r.get("recipe", {}).get("target") != "binary", r.get("model", "")))
+
+
+def render(models_dir: Path, reports_dir: Path | None = None) -> str:
+    reports_dir = Path(reports_dir) if reports_dir else Path(models_dir).resolve().parent / "reports"
     metas = [json.loads(p.read_text()) for p in sorted(Path(models_dir).glob("*.json"))]
     d = next((m for m in metas if m.get("file") == DEFAULT), None)
     if d is None:
@@ -38,7 +46,9 @@ def render(models_dir: Path) -> str:
     return env.get_template("model_card.md.j2").render(
         d=d, metas=metas, default=DEFAULT, cfg=d["config"], test=d["metrics"]["test"], val=d["metrics"]["val"],
         cm=d["metrics"]["test"]["all"]["confusion_matrix"], par=d["metrics"]["parity_vs_keras_float"],
-        pol=d["threshold_policy"], pre=d["preprocessing"], q=d["quantization"], lineage=d.get("training_lineage"))
+        pol=d["threshold_policy"], pre=d["preprocessing"], q=d["quantization"], lineage=d.get("training_lineage"),
+        lso=leave_source_out(reports_dir), dxm=d["metrics"].get("diagnosis"), mal=d["metrics"].get("malignant"),
+        reliability_png=(reports_dir / "default_int8" / "reliability.png").is_file())
 
 
 def write_card(models_dir: Path, out: Path) -> int:

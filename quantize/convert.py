@@ -35,9 +35,45 @@ def representative_data(pixels, idx: np.ndarray, n: int, seed: int):
     return gen, len(pick)
 
 
+def head_layer(model: keras.Model, name: str):
+    """The layer `name` of a plain, pruned or QAT model (tfmot prefixes and wraps layers)."""
+    for layer in model.layers:
+        if layer.name in (name, f"quant_{name}", f"prune_low_magnitude_{name}"):
+            return getattr(layer, "layer", layer)
+    return None
+
+
+def with_extra_outputs(model: keras.Model) -> keras.Model:
+    """The model with two more outputs beside its scores: the last feature map (H, W, C), input
+    of the global average pooling, and the pooled embedding (C). Because the head is pooling + a
+    linear layer, the runner computes an exact class activation map from the first and an
+    out-of-distribution distance from the second, in the same single invoke."""
+    dropout = next(layer for layer in model.layers if layer.name.endswith("head_dropout"))
+    embedding = dropout.input
+    feature_map = embedding._keras_history.layer.input
+    return keras.Model(model.input, [model.output, feature_map, embedding], name=model.name)
+
+
+def head_weights(model: keras.Model) -> dict:
+    """The linear head (melanoma column, then the diagnosis columns) as the sidecar stores it:
+    float16 little-endian, base64, (embedding size, columns), for the runner's activation maps."""
+    import base64
+    kernels, biases = [], []
+    for name in ("melanoma", "diagnosis"):
+        layer = head_layer(model, name)
+        if layer is not None:
+            k, b = layer.get_weights()[:2]
+            kernels.append(k)
+            biases.append(b)
+    kernel = np.concatenate(kernels, axis=1).astype("<f2")
+    return {"kernel_b64": base64.b64encode(kernel.tobytes()).decode(), "dtype": "float16",
+            "shape": [int(v) for v in kernel.shape], "bias": [float(v) for v in np.concatenate(biases)],
+            "columns": "as output.columns: melanoma head, then the diagnosis classes"}
+
+
 def convert(model: keras.Model, variant: str, rep_data=None) -> tuple[bytes, dict]:
-    """One variant's flatbuffer and a description of how it was quantized."""
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    """One variant's flatbuffer (scores + feature map + embedding) and how it was quantized."""
+    conv = tf.lite.TFLiteConverter.from_keras_model(with_extra_outputs(model))
     how = {"float32": "none (float32)"}
     if variant == "float16":
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -68,10 +104,18 @@ def io_spec(tflite_bytes: bytes, classes: list[str] | None = None) -> tuple[dict
         scale, zp = d["quantization"]
         return {"shape": [int(s) for s in d["shape"]], "dtype": np.dtype(d["dtype"]).name,
                 "quantization": {"scale": float(scale), "zero_point": int(zp)} if scale else None}
-    i, o = it.get_input_details()[0], it.get_output_details()[0]
+    outputs = it.get_output_details()
+    i = it.get_input_details()[0]
+    o = next(d for d in outputs if len(d["shape"]) == 2 and d["shape"][1] == 1 + len(classes or []))
+    extra = {}
+    for d in outputs:
+        if len(d["shape"]) == 4:
+            extra["feature_map"] = {**spec(d), "meaning": "last feature map, input of the global average pooling"}
+        elif d is not o:
+            extra["embedding"] = {**spec(d), "meaning": "pooled embedding (input of the linear head)"}
     if not classes:
-        return spec(i), {**spec(o), "meaning": "probability of melanoma (target = 1)"}
-    return spec(i), {**spec(o), "meaning": "column 0: the melanoma head's sigmoid; columns 1..: the diagnosis "
+        return spec(i), {**spec(o), **({"extra": extra} if extra else {}), "meaning": "probability of melanoma (target = 1)"}
+    return spec(i), {**spec(o), **({"extra": extra} if extra else {}), "meaning": "column 0: the melanoma head's sigmoid; columns 1..: the diagnosis "
                                            "head's softmax over `classes`; the melanoma score is read by "
                                            "`melanoma_rule` (edge.scores)",
                      "columns": ["melanoma (melanoma head)"] + [f"{c} (diagnosis head)" for c in classes]}

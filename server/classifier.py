@@ -35,6 +35,8 @@ def model_card() -> dict:
     def scrub(cfg: dict) -> dict:
         return {k: short(v) if k in PATH_FIELDS else v for k, v in cfg.items()}
     card = {**meta, "config": scrub(meta.get("config", {}))}
+    if "head" in card:  # the head's weights (for activation maps) are for the runner, not for reading
+        card["head"] = {k: v for k, v in card["head"].items() if k != "kernel_b64"}
     if isinstance(meta.get("training_lineage"), dict):
         lineage = meta["training_lineage"]
         card["training_lineage"] = {**lineage, "run": short(lineage.get("run")),

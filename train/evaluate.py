@@ -174,7 +174,11 @@ def evaluate_external(run_dir: Path, model_path: Path | None, data: list[str], t
     probs, threshold = as_shipped(model_path, *model_predictions(Path(run_dir), model_path, pixels,
                                                                  rows.index.to_numpy(), threads))
     preds = rows[["image", "source", "split", "target"]].assign(probability=probs)
-    report = {"threshold": float(threshold), "data": [str(d) for d in data],
+    report = {"threshold": float(threshold), "data": [Path(d).name for d in data],
+              "run": Path(run_dir).name, "model": Path(model_path).name if model_path else "model.h5 (Keras float32)",
+              "trained_on": [Path(d).name for d in cfg.data],
+              "recipe": {k: getattr(cfg, k) for k in ("backbone", "target", "color_constancy", "top_blocks", "epochs",
+                                                       "lr", "init_from")},
               "external": metrics_by_source(preds["target"].to_numpy(), preds["probability"].to_numpy(),
                                             preds["source"].to_numpy(), threshold, cfg.bootstrap, cfg.seed)}
     return preds, report
