@@ -267,9 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="`python -m benchmarks arm64 --help` lists the arm64 check's own options. "
                                         "Exit status: 0 reports written, 2 bad usage (no model, too few runs).")
-    ap.add_argument("command", choices=["latency", "tradeoff", "all", "arm64"], help=(
+    ap.add_argument("command", choices=["latency", "tradeoff", "all", "arm64", "ood"], help=(
         "latency: every variant (and baselines); tradeoff: table + Pareto plot from the sidecars and latency.json; "
-        "all: both; arm64: the runner on arm64 under qemu vs x86"))
+        "all: both; arm64: the runner on arm64 under qemu vs x86; ood: the refusal gate on a generated "
+        "out-of-distribution set (python -m benchmarks ood --help)"))
     ap.add_argument("--model", type=Path, nargs="+", help="model files (default: every .tflite in models/)")
     ap.add_argument("--threads", type=int, nargs="+", default=default_threads(),
                     help=f"interpreter thread counts to measure (default {' '.join(map(str, default_threads()))})")
@@ -287,6 +288,8 @@ def main(argv=None) -> int:
     if argv[:1] == ["arm64"]:  # the arm64 emulation check, its own flags
         from .arm64 import main as arm64_main
         return arm64_main(argv[1:])
+    if argv[:1] == ["ood"]:  # the refusal gate on a generated out-of-distribution set, its own flags
+        return ood_main(argv[1:])
     if argv[:1] == ["_child"]:  # internal: one measurement in a fresh process
         kind, kw = argv[1], json.loads(argv[2])
         fn = {"tflite": lambda: bench_tflite(Path(kw["path"]), kw["threads"], kw["runs"], kw["warmup"]),
@@ -324,6 +327,31 @@ def main(argv=None) -> int:
         else:
             tradeoff_plot(rep, args.out / "tradeoff.png")
             log(f"wrote {args.out / 'tradeoff.md'} and tradeoff.png")
+    return 0
+
+
+def ood_main(argv) -> int:
+    from . import ood
+    ap = argparse.ArgumentParser(prog="python -m benchmarks ood", description=ood.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Exit status: 0 done, 2 bad usage (no model, no gate in its sidecar, "
+                                        "scikit-image missing).")
+    ap.add_argument("--model", type=Path, default=MODELS / "efficientnet_lite0_int8.tflite")
+    ap.add_argument("--per-category", type=int, default=40, help="images per category (default 40)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--test-limit", type=int, default=0, help="test-split lesions to measure (0: all)")
+    ap.add_argument("--out", type=Path, default=REPORTS, help="report folder (default reports/)")
+    args = ap.parse_args(argv)
+    if not_installed("skimage"):
+        print("error: the out-of-distribution set needs scikit-image (pip install -r requirements.txt)", file=sys.stderr)
+        return 2
+    try:
+        report = ood.measure(args.model, args.per_category, args.seed, args.test_limit)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ood.write(report, args.out)
+    print(ood.to_markdown(report))
     return 0
 
 

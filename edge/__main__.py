@@ -10,11 +10,13 @@ from pathlib import Path
 from . import DEFAULT_MODEL, DISCLAIMER, Classifier, ImageError, SidecarError
 from .preprocess import FORMAT_NAMES, IMAGE_SUFFIXES
 
-EXIT_OK, EXIT_USAGE, EXIT_UNREADABLE, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_OK, EXIT_USAGE, EXIT_UNREADABLE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 PROGRESS_FROM = 20  # a progress bar (stderr, terminals only) from this many images
-EXIT_HELP = ("Exit status: 0 when every input was read; 3 when some could not be (each is named on stderr "
-             "as 'skipped: NAME: REASON' and the rest are still predicted); 2 for bad usage (missing or "
-             "mismatched model, no images) or results that cannot be written; 130 when interrupted.")
+EXIT_HELP = ("Exit status: 0 when every input was read and answered; 3 when some could not be read (each is "
+             "named on stderr as 'skipped: NAME: REASON' and the rest are still predicted); 4 when every input "
+             "was read but some were refused (not a usable dermoscopic image of one lesion: 'refused: NAME: "
+             "REASON', no verdict); 2 for bad usage (missing or mismatched model, no images) or results that "
+             "cannot be written; 130 when interrupted.")
 NUMBER_HELP = ("The number is P(melanoma), calibrated on validation images when the model's sidecar carries a "
                "calibration (the table's column says 'P(melanoma)'), else the model's raw ranking score ('score'); "
                "an image at or above the model's threshold (chosen on validation images for 90 percent "
@@ -64,11 +66,36 @@ def progress(images: list[Path], as_json: bool, err):
     return tqdm(images, file=err, unit="img", leave=False)
 
 
-def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, err=None, tta: bool = False) -> int:
-    """Predict every image; report unreadable ones and keep going. Returns the exit status."""
+def heatmap_name(path: Path, used: set) -> str:
+    """A unique overlay file name for an input (two inputs may share a stem)."""
+    base = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)[:80] or "image"
+    name, k = f"{base}.heatmap.png", 1
+    while name in used:
+        k += 1
+        name = f"{base}-{k}.heatmap.png"
+    used.add(name)
+    return name
+
+
+def write_heatmap(clf: Classifier, path: Path, pred, folder: Path, used: set) -> Path | None:
+    """The overlay PNG of `pred`'s melanoma map over the image the model saw."""
+    if pred.heatmap is None:
+        return None
+    from .gate import overlay
+    from .preprocess import resized_array
+    image = resized_array(path, clf.spec, max_pixels=clf.max_pixels)
+    target = folder / heatmap_name(path, used)
+    overlay(image, pred.heatmap["melanoma"]).save(target, "PNG")
+    return target
+
+
+def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, err=None, tta: bool = False,
+                heatmaps: Path | None = None) -> int:
+    """Predict every image; report unreadable and refused ones and keep going. Returns the exit status."""
     out, err = out or sys.stdout, err or sys.stderr
     width = max([len(shown(p)) for p in images] + [5])
-    flagged = failures = malignant = 0
+    flagged = failures = malignant = refusals = 0
+    used: set = set()
     multitask = bool(clf.classes)
     if not as_json:
         column = "P(melanoma)" if clf.calibration is not None else "score"
@@ -85,11 +112,25 @@ def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, er
             if as_json:
                 print(json.dumps({"image": name, "error": e.reason}), file=out)
             continue
+        if pred.refused:
+            refusals += 1
+            print(f"refused: {name}: {pred.reason}", file=err)
+            if as_json:
+                print(json.dumps({"image": name, **pred.to_dict(), **clf.identity(), "disclaimer": DISCLAIMER}),
+                      file=out)
+            else:
+                print(f"{name:{width}s}  {'-':>11s}{'  ' + '-':>14s}  refused: {pred.reason}" if multitask else
+                      f"{name:{width}s}  {'-':>11s}  refused: {pred.reason}", file=out)
+            continue
         flagged += pred.melanoma
         malignant += bool(pred.malignant)
+        row = {}
+        if heatmaps is not None:
+            written = write_heatmap(clf, path, pred, heatmaps, used)
+            row = {"heatmap_file": str(written)} if written else {}
         if as_json:
-            print(json.dumps({"image": name, **pred.to_dict(), "tta": tta, **clf.identity(), "disclaimer": DISCLAIMER}),
-                  file=out)
+            print(json.dumps({"image": name, **pred.to_dict(), **row, "tta": tta, **clf.identity(),
+                              "disclaimer": DISCLAIMER}), file=out)
         elif multitask:
             top = ", ".join(f"{n} {100 * q:.0f}%" for n, q in pred.diagnoses[:3])
             print(f"{name:{width}s}  {pred.probability:11.3f}  {pred.malignant_probability:12.3f}  {pred.label}  |  {top}",
@@ -102,9 +143,9 @@ def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, er
                   file=out)
         print(f"\n{DISCLAIMER}", file=out, flush=True)
     also = f" ({malignant} possibly malignant)" if multitask else ""
-    print(f"{len(images)} image{'s' * (len(images) != 1)}: {len(images) - failures} predicted, {flagged} flagged"
-          f"{also}, {failures} unreadable", file=err)
-    return EXIT_UNREADABLE if failures else EXIT_OK
+    print(f"{len(images)} image{'s' * (len(images) != 1)}: {len(images) - failures - refusals} predicted, "
+          f"{flagged} flagged{also}, {refusals} refused, {failures} unreadable", file=err)
+    return EXIT_UNREADABLE if failures else (EXIT_REFUSED if refusals else EXIT_OK)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default {DEFAULT_MODEL.name})")
         s.add_argument("--threads", type=int, default=None, help="interpreter threads (default: runtime's choice)")
     pr.add_argument("--json", action="store_true", help="one JSON object per image on stdout (no table, no bar)")
+    pr.add_argument("--heatmap", type=Path, metavar="DIR", help=(
+        "write an overlay PNG per answered image into DIR (the image the model saw with its melanoma activation "
+        "map blended over it, and a colour scale); --json then names the file"))
     pr.add_argument("--tta", action="store_true", help=(
         "test-time augmentation: average the 8 flips/rotations (8x the inference time; the threshold and "
         "calibration were fitted without it)"))
@@ -161,7 +205,13 @@ def run_cli(argv: list[str] | None = None) -> int:
     if not images:
         print("error: no images found in the given inputs", file=sys.stderr)
         return EXIT_USAGE
-    return run_predict(clf, images, args.json, tta=args.tta)
+    if args.heatmap is not None:
+        try:
+            args.heatmap.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"error: --heatmap {args.heatmap}: {e.strerror or e}", file=sys.stderr)
+            return EXIT_USAGE
+    return run_predict(clf, images, args.json, tta=args.tta, heatmaps=args.heatmap)
 
 
 if __name__ == "__main__":

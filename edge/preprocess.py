@@ -370,10 +370,22 @@ def preprocess(source: ImageSource, spec: PreprocessSpec = PreprocessSpec(), *,
                max_pixels: int = DEFAULT_MAX_PIXELS, limits: DecodeLimits | None = None,
                budget: MemoryBudget | None = None) -> np.ndarray:
     """Image file/bytes -> float32 array (H, W, 3), values 0..255, ready for the model."""
+    return finish(resized_array(source, spec, max_pixels=max_pixels, limits=limits, budget=budget), spec)
+
+
+def resized_array(source: ImageSource, spec: PreprocessSpec = PreprocessSpec(), *,
+                  max_pixels: int = DEFAULT_MAX_PIXELS, limits: DecodeLimits | None = None,
+                  budget: MemoryBudget | None = None) -> np.ndarray:
+    """The decoded image at the model's size, float32 0..255, before colour constancy (what the
+    image-quality checks and the heatmap overlay look at)."""
     img = open_image(source, draft_size=spec.size, max_pixels=max_pixels, limits=limits, budget=budget)
-    x = np.asarray(resize(img, spec), dtype=np.float32)
+    return np.asarray(resize(img, spec), dtype=np.float32)
+
+
+def finish(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The last step of `preprocess`: colour constancy, if the spec has one."""
     if spec.color_constancy == "shades_of_grey":
-        x = shades_of_grey(x, spec.constancy_power)
+        return shades_of_grey(x, spec.constancy_power)
     return x
 
 

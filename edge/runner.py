@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .preprocess import DEFAULT_MAX_PIXELS, ImageSource, MemoryBudget, preprocess
+from .gate import OOD_MESSAGE, Gate, QualityLimits, activation_map, head_kernel, normalised, quality_problem
+from .preprocess import DEFAULT_MAX_PIXELS, ImageSource, MemoryBudget, finish, resized_array
 from .scores import diagnosis_distribution, melanoma_score, tempered
 from .sidecar import SidecarError, preprocess_spec, read_sidecar
 
@@ -85,15 +86,37 @@ class Prediction:
     diagnoses: tuple[tuple[str, float], ...] | None = None  # every class with its probability, most likely first
     malignant_probability: float | None = None  # melanoma + basal cell carcinoma + actinic keratosis/IEC
     malignant: bool | None = None  # a malignant or pre-malignant lesion is suspected (see Classifier.classify)
+    # refusals: no melanoma verdict is given for an image that is not a usable lesion image
+    refused: bool = False
+    refusal: str | None = None  # "out_of_distribution", "uniform", "overexposed", "underexposed", "blurred"
+    reason: str | None = None  # the message shown
+    ood_score: float | None = None  # the gate's distance (refused above the sidecar's gate.threshold)
+    heatmap: dict | None = None  # {"melanoma": HxW 0..1, "<top diagnosis>": HxW 0..1}: class activation maps
 
     def to_dict(self) -> dict:
+        if self.refused:
+            d = {"refused": True, "refusal": self.refusal, "reason": self.reason,
+                 "latency_ms": round(self.latency_ms, 3)}
+            if self.ood_score is not None:
+                d["ood_score"] = round(self.ood_score, 4)
+            return d
         d = {"probability": round(self.probability, 6), "calibrated": self.calibrated,
              "score": round(self.score, 6), "label": self.label, "melanoma": self.melanoma,
              "threshold": round(self.threshold, 6), "latency_ms": round(self.latency_ms, 3)}
         if self.diagnoses is not None:
             d.update(malignant_probability=round(self.malignant_probability, 6), malignant=self.malignant,
                      diagnoses=[{"diagnosis": n, "probability": round(p, 6)} for n, p in self.diagnoses])
+        if self.ood_score is not None:
+            d.update(refused=False, ood_score=round(self.ood_score, 4))
+        if self.heatmap is not None:
+            d["heatmap"] = {k: np.round(v, 3).tolist() for k, v in self.heatmap.items()}
         return d
+
+
+def refused(code: str, reason: str, ood_score: float | None = None, ms: float = 0.0) -> Prediction:
+    """A Prediction with no verdict: the image is not a usable lesion image."""
+    return Prediction(probability=float("nan"), melanoma=False, label="refused", threshold=float("nan"),
+                      latency_ms=ms, refused=True, refusal=code, reason=reason, ood_score=ood_score)
 
 
 def platt(score, a: float, b: float):
@@ -123,7 +146,7 @@ class Classifier:
     """Loads a model once; `classify()` is preprocess -> invoke -> postprocess. Thread-safe."""
 
     def __init__(self, model_path: Path | str = DEFAULT_MODEL, num_threads: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, budget: MemoryBudget | None = None):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, budget: MemoryBudget | None = None, refuse: bool = True):
         self.model_path = Path(model_path)
         self.meta = read_sidecar(self.model_path)  # raises SidecarError on a mismatch
         self.spec = preprocess_spec(self.meta)
@@ -138,12 +161,21 @@ class Classifier:
             if self.classes else []
         self.dx_temperature = float((self.calibration or {}).get("diagnosis_temperature", 1.0))
         self.malignant_threshold = self.meta.get("malignant_threshold")
+        # refusals (sidecars that carry them): image quality limits and the embedding gate
+        self.refuse = refuse
+        self.quality = QualityLimits.from_dict(self.meta["quality"]) if "quality" in self.meta else None
+        self.gate = Gate.from_dict(self.meta["gate"]) if "gate" in self.meta else None
+        self.head_kernel = head_kernel(self.meta["head"]) if "head" in self.meta else None
         self.num_threads = num_threads
         self.max_pixels = max_pixels
         self.budget = budget  # shared by the threads that call classify(), if given
         self._interpreter, self.backend = make_interpreter(self.model_path, num_threads)
         self._input = self._interpreter.get_input_details()[0]
-        self._output = self._scores_output(self._interpreter.get_output_details())
+        outputs = self._interpreter.get_output_details()
+        self._output = self._scores_output(outputs)
+        extra = self.meta["output"].get("extra", {})
+        self._extra = {name: next((o for o in outputs if [int(v) for v in o["shape"]] == list(e["shape"])), None)
+                       for name, e in extra.items()}
         actual, declared = [int(v) for v in self._input["shape"]], list(self.meta["input"]["shape"])
         if actual[1:] != declared[1:]:
             raise SidecarError(f"{self.model_path.name}: the model's input shape is {actual}, "
@@ -170,23 +202,38 @@ class Classifier:
             return quantize(x, dtype, scale, zero_point)
         return x.astype(dtype)
 
-    def _postprocess(self, y: np.ndarray) -> np.ndarray:
-        if np.issubdtype(self._output["dtype"], np.integer):
-            scale, zero_point = self._output["quantization"]
-            y = dequantize(y, scale, zero_point)
-        return np.clip(y.reshape(-1).astype(np.float64), 0.0, 1.0)
+    @staticmethod
+    def _dequantized(detail: dict, y: np.ndarray) -> np.ndarray:
+        if np.issubdtype(detail["dtype"], np.integer):
+            scale, zero_point = detail["quantization"]
+            return dequantize(y, scale, zero_point)
+        return y.astype(np.float32)
 
-    def predict_scores(self, x: np.ndarray) -> tuple[np.ndarray, float]:
-        """Preprocessed float array (H, W, 3) -> (every output column, interpreter milliseconds):
-        one column for a binary model; the melanoma head then the diagnoses for a multi-task one."""
+    def _postprocess(self, y: np.ndarray) -> np.ndarray:
+        return np.clip(self._dequantized(self._output, y).reshape(-1).astype(np.float64), 0.0, 1.0)
+
+    def predict_outputs(self, x: np.ndarray) -> tuple[dict, float]:
+        """One invoke: {"scores": columns, "embedding": (C,), "feature_map": (H, W, C)} (the
+        last two where the file has them) and the interpreter milliseconds."""
         batch = self._prepare(x[None, ...])
         with self._lock:
             t0 = time.perf_counter()
             self._interpreter.set_tensor(self._input["index"], batch)
             self._interpreter.invoke()
             y = self._interpreter.get_tensor(self._output["index"]).copy()
+            extra = {name: self._interpreter.get_tensor(d["index"]).copy()
+                     for name, d in self._extra.items() if d is not None}
             ms = (time.perf_counter() - t0) * 1000
-        return self._postprocess(y), ms
+        out = {"scores": self._postprocess(y)}
+        for name, v in extra.items():
+            out[name] = self._dequantized(self._extra[name], v)[0]
+        return out, ms
+
+    def predict_scores(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """Preprocessed float array (H, W, 3) -> (every output column, interpreter milliseconds):
+        one column for a binary model; the melanoma head then the diagnoses for a multi-task one."""
+        out, ms = self.predict_outputs(x)
+        return out["scores"], ms
 
     def predict_array(self, x: np.ndarray) -> tuple[float, float]:
         """Preprocessed float array (H, W, 3) -> (raw melanoma score, interpreter milliseconds)."""
@@ -207,21 +254,42 @@ class Classifier:
         """Image path/bytes -> Prediction (with `tta`, 8 invokes averaged). Raises
         edge.ImageError for unreadable input.
 
+        Refusals first (sidecars that carry them, unless `refuse` is off): an unusable image
+        (nearly uniform, over/under-exposed, blurred) is refused before the invoke; an image whose
+        embedding is far from the training lesions (edge.gate) after it. A refused image gets no
+        melanoma verdict.
+
         A multi-task model also gives every diagnosis with its probability (melanoma's is the
         calibrated melanoma probability; the others share the rest as the diagnosis head says)
         and the malignant probability (melanoma + BCC + AK/IEC). A lesion is `malignant`
         (suspected) when melanoma is flagged, when that probability reaches the sidecar's
         `malignant_threshold`, or when its most likely diagnosis is malignant; the label then
-        never reads merely "not melanoma"."""
-        x = preprocess(source, self.spec, max_pixels=self.max_pixels, budget=self.budget)
-        y, ms = self.predict_scores_tta(x) if tta else self.predict_scores(x)
+        never reads merely "not melanoma". Files with a feature map and head weights also give
+        class activation maps (`heatmap`) of melanoma and of the most likely diagnosis."""
+        raw = resized_array(source, self.spec, max_pixels=self.max_pixels, budget=self.budget)
+        if self.refuse and self.quality is not None:
+            problem = quality_problem(raw, self.quality)
+            if problem is not None:
+                return refused(problem[0], problem[1])
+        x = finish(raw, self.spec)
+        outs, ms = self.predict_outputs(x)
+        if tta:
+            views = [self.predict_scores(np.ascontiguousarray(v)) for v in dihedral_views(x)[1:]]
+            outs["scores"] = np.mean([outs["scores"]] + [v[0] for v in views], axis=0)
+            ms += sum(v[1] for v in views)
+        ood = None
+        if self.gate is not None and "embedding" in outs:
+            ood = self.gate.score(outs["embedding"])
+            if self.refuse and ood > self.gate.threshold:
+                return refused("out_of_distribution", OOD_MESSAGE, ood, ms)
+        y = outs["scores"]
         score = float(melanoma_score(y[None], self.rule)[0])
         melanoma = score >= self.score_threshold  # the same decision as probability >= threshold
         probability = self.to_probability(score)
         base = dict(probability=probability, melanoma=melanoma, threshold=self.threshold, latency_ms=ms,
-                    score=score, calibrated=self.calibration is not None)
+                    score=score, calibrated=self.calibration is not None, ood_score=ood)
         if not self.classes or len(y) != 1 + len(self.classes):
-            return Prediction(label=self.labels[int(melanoma)], **base)
+            return Prediction(label=self.labels[int(melanoma)], heatmap=self._heatmap(outs, None), **base)
         dist = diagnosis_distribution(probability, tempered(y[1:], self.dx_temperature), self.classes.index("melanoma"))
         order = np.argsort(-dist, kind="stable")
         malignant_p = float(dist[self.malignant_classes].sum())
@@ -236,7 +304,17 @@ class Classifier:
         else:
             label = f"{self.labels[0]} (most likely {self.classes[top]})"
         return Prediction(label=label, diagnoses=tuple((self.classes[i], float(dist[i])) for i in order),
-                          malignant_probability=malignant_p, malignant=suspected, **base)
+                          malignant_probability=malignant_p, malignant=suspected, heatmap=self._heatmap(outs, top),
+                          **base)
+
+    def _heatmap(self, outs: dict, top: int | None) -> dict | None:
+        """Class activation maps (0..1) of the melanoma head and of diagnosis `top`."""
+        if self.head_kernel is None or "feature_map" not in outs:
+            return None
+        maps = {"melanoma": normalised(activation_map(outs["feature_map"], self.head_kernel, 0))}
+        if top is not None and self.classes[top] != "melanoma":
+            maps[self.classes[top]] = normalised(activation_map(outs["feature_map"], self.head_kernel, 1 + top))
+        return maps
 
     def to_probability(self, score: float) -> float:
         """The calibrated probability of a raw score (the score itself without calibration)."""

@@ -179,6 +179,10 @@ def export(model_bytes: bytes, out_path: Path, *, backbone: str, variant: str, q
                        "converted_with": {"tensorflow": tf.__version__, "python": platform.python_version()}},
         "config": cfg, "training_lineage": run_metrics.get("init_from"), **(extra or {}), "disclaimer": DISCLAIMER,
     }
+    refusals = fit_refusals(out_path, rows, pixels, cfg["seed"], threads)
+    meta.update({k: v for k, v in refusals.items() if k != "refusal_metrics"})
+    if "refusal_metrics" in refusals:
+        meta["metrics"]["refusals"] = refusals["refusal_metrics"]
     write_sidecar(out_path, meta)
     return meta
 
@@ -243,6 +247,54 @@ def diagnosis_report(preds: pd.DataFrame, raw: np.ndarray, dx: np.ndarray, head:
                                                 t, bootstrap, seed),
                       "judged_on": "images with a known diagnosis, and every melanoma"},
     }
+
+
+GATE_TRAIN_IMAGES = 3000  # training images the gate is fitted on (a seeded sample)
+GATE_MAX_VAL_REFUSED = 0.02  # at most this share of validation lesions refused by the gate
+
+
+def fit_refusals(model_path: Path, rows: pd.DataFrame, pixels, seed: int, threads: int = 2) -> dict:
+    """The sidecar's refusal fields for this very file: the embedding gate (edge.gate.Gate)
+    fitted on training-split embeddings, its threshold chosen on validation (at most 2 %
+    refused), and the image-quality limits with their measured refusal rates. Test is only
+    measured."""
+    from edge import Classifier
+    from edge.gate import Gate, QualityLimits, quality_problem
+    from edge.preprocess import resized_array
+    clf = Classifier(model_path, num_threads=threads, refuse=False)
+    if "embedding" not in clf._extra or clf._extra["embedding"] is None:
+        return {}
+    idx = {s: rows.index[rows["split"] == s].to_numpy() for s in ("train", "val", "test")}
+    rng = np.random.default_rng(seed)
+    fit_idx = np.sort(rng.choice(idx["train"], size=min(GATE_TRAIN_IMAGES, len(idx["train"])), replace=False))
+
+    def embed(ids):
+        return np.stack([clf.predict_outputs(np.asarray(pixels[i], np.float32))[0]["embedding"] for i in ids])
+    dx = rows["dx"].to_numpy() if "dx" in rows.columns else np.full(len(rows), -1)
+    groups = np.where(dx >= 0, dx, 100 + rows["target"].to_numpy())
+    gate = Gate.fit(embed(fit_idx), groups[rows.index.get_indexer(fit_idx)])
+    val_scores = gate.scores(embed(idx["val"]))
+    gate.threshold = float(np.quantile(val_scores, 1 - GATE_MAX_VAL_REFUSED))
+    test_scores = gate.scores(embed(idx["test"]))
+    test_sources = rows.loc[idx["test"], "source"].to_numpy()
+    limits = QualityLimits()
+    quality = {}
+    for split in ("val", "test"):
+        problems = [quality_problem(resized_array(p, clf.spec), limits) for p in rows.loc[idx[split], "path"]]
+        codes = [q[0] for q in problems if q is not None]
+        quality[split] = {"n": len(problems), "refused": len(codes),
+                          "by_reason": {c: codes.count(c) for c in sorted(set(codes))}}
+    return {
+        "gate": gate.to_dict(),
+        "quality": {k: getattr(limits, k) for k in limits.__dataclass_fields__},
+        "refusal_metrics": {
+            "gate_fitted_on": f"{len(fit_idx)} training-split images (seeded sample), this file's embeddings",
+            "gate_threshold_chosen_on": f"validation split: at most {GATE_MAX_VAL_REFUSED:.0%} of its lesions refused",
+            "gate_val_refused": float(np.mean(val_scores > gate.threshold)),
+            "gate_test_refused": float(np.mean(test_scores > gate.threshold)),
+            "gate_test_refused_by_source": {s: float(np.mean(test_scores[test_sources == s] > gate.threshold))
+                                            for s in sorted(set(test_sources))},
+            "quality": quality}}
 
 
 def parity_report(preds: pd.DataFrame, keras_probs: np.ndarray) -> dict:

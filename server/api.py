@@ -11,10 +11,15 @@ bp = Blueprint("api", __name__)
 
 @bp.post("/api/v1/predict")
 def predict():
-    """Classify the multipart field `image`; JSON with probability, label, threshold, model, latency."""
-    pred = classify_upload()
+    """Classify the multipart field `image`; JSON with probability, label, threshold, diagnoses,
+    malignant probability, heatmap, model, latency. An image that is not a usable dermoscopic image
+    of one lesion gets 422 with `refused: true`, the reason and the gate score."""
+    pred, _ = classify_upload()
     clf = get_classifier()
-    return jsonify({**pred.to_dict(), "tta": current_app.config["TTA"], **clf.identity(), "disclaimer": DISCLAIMER})
+    body = {**pred.to_dict(), "tta": current_app.config["TTA"], **clf.identity(), "disclaimer": DISCLAIMER}
+    if pred.refused:  # not a usable lesion image: no verdict, 422 with the reason
+        return jsonify({**body, "error": pred.reason, "status": 422}), 422
+    return jsonify(body)
 
 
 @bp.get("/api/v1/model")

@@ -5,7 +5,7 @@ from pathlib import Path
 from flask import Blueprint, abort, current_app, render_template, send_from_directory
 
 from .classifier import get_classifier
-from .uploads import classify_upload
+from .uploads import classify_upload, display_images
 
 bp = Blueprint("pages", __name__)
 REPORT_FILES = {"tradeoff.png", "tradeoff.md", "tradeoff.json", "latency.md", "latency.json"}
@@ -42,8 +42,10 @@ def index():
 @bp.post("/predict")
 def predict():
     """Classify the uploaded image and show the result page."""
-    pred = classify_upload()
-    return render_template("result.html", p=pred, m=model_summary())
+    pred, data = classify_upload()
+    if pred.refused:
+        return render_template("refused.html", p=pred, m=model_summary()), 422
+    return render_template("result.html", p=pred, m=model_summary(), shown=display_images(data, pred))
 
 
 @bp.get("/tradeoffs")

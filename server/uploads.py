@@ -28,9 +28,34 @@ def read_upload(field: str = "image") -> bytes:
     return data
 
 
-def classify_upload() -> Prediction:
+def classify_upload() -> tuple[Prediction, bytes]:
+    """(prediction, the uploaded bytes): the bytes stay in memory for the result page."""
     data = read_upload()
     try:
-        return get_classifier().classify(data, tta=current_app.config["TTA"])  # decodes share the MemoryBudget
+        return get_classifier().classify(data, tta=current_app.config["TTA"]), data  # decodes share the MemoryBudget
     except ImageError as e:
         abort(400, f"not a usable image: {e.reason}")
+
+
+def data_uri(img, fmt: str = "JPEG") -> str:
+    """A PIL image as a data: URI (the page shows uploads without ever storing them)."""
+    import base64
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, fmt, **({"quality": 85} if fmt == "JPEG" else {}))
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def display_images(data: bytes, pred: Prediction, side: int = 360) -> dict:
+    """The upload at display size and, where the model gives one, its melanoma heatmap overlay, as
+    data URIs. The map covers the whole image (the model squashes it), so it is drawn over the
+    aspect-preserving display image directly."""
+    import numpy as np
+    from edge.gate import overlay
+    from edge.preprocess import open_image
+    clf = get_classifier()
+    img = open_image(data, draft_size=(side, side), max_pixels=clf.max_pixels, budget=clf.budget).convert("RGB")
+    img.thumbnail((side, side))
+    out = {"image": data_uri(img)}
+    if pred.heatmap is not None:
+        out["overlay"] = data_uri(overlay(np.asarray(img, dtype=np.float32), pred.heatmap["melanoma"]), "PNG")
+    return out

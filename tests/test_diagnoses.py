@@ -135,8 +135,8 @@ class FakeInterpreterClassifier(Classifier):
         super().__init__(model)
         self._columns = np.asarray(columns, dtype=np.float64)
 
-    def predict_scores(self, x):
-        return self._columns, 0.1
+    def predict_outputs(self, x):
+        return {"scores": self._columns}, 0.1
 
 
 @pytest.fixture(scope="module")
