@@ -29,8 +29,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 CATEGORIES = ("natural_photos", "documents", "screenshots", "faces_hands", "frames", "skin_closeups")
 SKIMAGE_PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "moon", "horse", "clock",
-                  "hubble_deep_field", "immunohistochemistry", "motorcycle_left", "retina", "cell",
-                  "grass", "gravel", "brick", "colorwheel", "logo", "binary_blobs", "eagle", "cat", "microaneurysms")
+                  "hubble_deep_field", "immunohistochemistry", "retina", "cell",
+                  "grass", "gravel", "brick", "colorwheel", "logo", "binary_blobs", "microaneurysms")
 SKIN_TONES = [(241, 194, 167), (224, 172, 138), (198, 134, 103), (161, 102, 74), (112, 68, 48), (80, 50, 35)]
 
 
