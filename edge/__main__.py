@@ -58,12 +58,12 @@ def shown(path: Path) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
-def progress(images: list[Path], as_json: bool, err):
-    """The images, wrapped in a tqdm bar on stderr when it is a terminal and the folder is large."""
-    if as_json or len(images) < PROGRESS_FROM or not getattr(err, "isatty", lambda: False)():
-        return images
+def progress(items, as_json: bool, err, total: int):
+    """The items, wrapped in a tqdm bar on stderr when it is a terminal and the folder is large."""
+    if as_json or total < PROGRESS_FROM or not getattr(err, "isatty", lambda: False)():
+        return items
     from tqdm import tqdm
-    return tqdm(images, file=err, unit="img", leave=False)
+    return tqdm(items, file=err, unit="img", leave=False, total=total)
 
 
 def heatmap_name(path: Path, used: set) -> str:
@@ -89,8 +89,38 @@ def write_heatmap(clf: Classifier, path: Path, pred, folder: Path, used: set) ->
     return target
 
 
+def decoded_ahead(clf: Classifier, images: list[Path], threads: int):
+    """(path, model input or refusal or ImageError) in input order, decoded by `threads` threads
+    at most 2 x threads images ahead of the interpreter (Pillow releases the GIL while it decodes,
+    so decoding overlaps inference; the bounded window bounds memory)."""
+    def prepare(path):
+        try:
+            return clf.prepare(path)
+        except ImageError as e:
+            return e
+    if threads <= 1:
+        for path in images:
+            yield path, prepare(path)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+        window: deque = deque()
+        todo = iter(images)
+        for path in todo:
+            window.append((path, pool.submit(prepare, path)))
+            if len(window) >= 2 * threads:
+                break
+        while window:
+            path, future = window.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                window.append((nxt, pool.submit(prepare, nxt)))
+            yield path, future.result()
+
+
 def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, err=None, tta: bool = False,
-                heatmaps: Path | None = None) -> int:
+                heatmaps: Path | None = None, decode_threads: int = 1) -> int:
     """Predict every image; report unreadable and refused ones and keep going. Returns the exit status."""
     out, err = out or sys.stdout, err or sys.stderr
     width = max([len(shown(p)) for p in images] + [5])
@@ -102,10 +132,12 @@ def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, er
         extra = f"  {'P(malignant)':>12s}" if multitask else ""
         print(f"{'image':{width}s}  {column:>11s}{extra}  decision (threshold {clf.threshold:.3f})"
               + ("  |  top diagnoses" if multitask else ""), file=out)
-    for path in progress(images, as_json, err):
+    for path, prepared in progress(decoded_ahead(clf, images, decode_threads), as_json, err, len(images)):
         name = shown(path)
         try:
-            pred = clf.classify(path, tta=tta)
+            if isinstance(prepared, ImageError):
+                raise prepared
+            pred = clf.answer(prepared, tta=tta)
         except ImageError as e:
             failures += 1
             print(f"skipped: {name}: {e.reason}", file=err)
@@ -161,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default {DEFAULT_MODEL.name})")
         s.add_argument("--threads", type=int, default=None, help="interpreter threads (default: runtime's choice)")
     pr.add_argument("--json", action="store_true", help="one JSON object per image on stdout (no table, no bar)")
+    pr.add_argument("--decode-threads", type=int, default=None, metavar="N", help=(
+        "threads decoding images ahead of the interpreter, order kept (default: 2 when there are 2 or more "
+        "CPU cores and several images, else 1)"))
     pr.add_argument("--heatmap", type=Path, metavar="DIR", help=(
         "write an overlay PNG per answered image into DIR (the image the model saw with its melanoma activation "
         "map blended over it, and a colour scale); --json then names the file"))
@@ -211,7 +246,12 @@ def run_cli(argv: list[str] | None = None) -> int:
         except OSError as e:
             print(f"error: --heatmap {args.heatmap}: {e.strerror or e}", file=sys.stderr)
             return EXIT_USAGE
-    return run_predict(clf, images, args.json, tta=args.tta, heatmaps=args.heatmap)
+    decode = args.decode_threads if args.decode_threads is not None else \
+        (2 if len(images) > 1 and (os.cpu_count() or 1) >= 2 else 1)
+    if decode < 1:
+        print("error: --decode-threads must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    return run_predict(clf, images, args.json, tta=args.tta, heatmaps=args.heatmap, decode_threads=decode)
 
 
 if __name__ == "__main__":

@@ -266,12 +266,22 @@ class Classifier:
         `malignant_threshold`, or when its most likely diagnosis is malignant; the label then
         never reads merely "not melanoma". Files with a feature map and head weights also give
         class activation maps (`heatmap`) of melanoma and of the most likely diagnosis."""
+        return self.answer(self.prepare(source), tta)
+
+    def prepare(self, source: ImageSource) -> np.ndarray | Prediction:
+        """The decoding half of `classify` (thread-safe, no interpreter): the model's input array,
+        or the refusal of an unusable image. Raises edge.ImageError for unreadable input."""
         raw = resized_array(source, self.spec, max_pixels=self.max_pixels, budget=self.budget)
         if self.refuse and self.quality is not None:
             problem = quality_problem(raw, self.quality)
             if problem is not None:
                 return refused(problem[0], problem[1])
-        x = finish(raw, self.spec)
+        return finish(raw, self.spec)
+
+    def answer(self, x: np.ndarray | Prediction, tta: bool = False) -> Prediction:
+        """The inference half of `classify`, on what `prepare` returned."""
+        if isinstance(x, Prediction):
+            return x
         outs, ms = self.predict_outputs(x)
         if tta:
             views = [self.predict_scores(np.ascontiguousarray(v)) for v in dihedral_views(x)[1:]]
