@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from edge import DEFAULT_MODEL, SidecarError
@@ -34,6 +38,12 @@ def positive(kind):
     return parse
 
 
+def workers_count(text: str) -> int:
+    if text == "auto":
+        return max(1, min(8, os.cpu_count() or 1))
+    return positive(int)(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m server", description=(
         "Melanoma screening aid: upload form and JSON API on the shipped .tflite model "
@@ -43,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=port_number, default=8000, help="port, 1-65535 (default 8000)")
     ap.add_argument("--threads", type=positive(int), default=4, help="waitress worker threads (default 4)")
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default {DEFAULT_MODEL.name})")
-    ap.add_argument("--model-threads", type=positive(int), default=2, help="TFLite interpreter threads (default 2)")
+    ap.add_argument("--model-threads", type=positive(int), default=None, help=(
+        "TFLite interpreter threads per process (default: the cores divided among the workers, at least 1)"))
+    ap.add_argument("--workers", default="auto", type=workers_count, help=(
+        "server processes, each with its own interpreter, sharing the port (Linux SO_REUSEPORT: the kernel "
+        "spreads connections); 'auto' = one per CPU core, at most 8 (default auto)"))
+    ap.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set on the worker processes
     ap.add_argument("--max-upload-mb", type=positive(float), default=10, help="upload size limit (default 10 MB)")
     ap.add_argument("--client-grace", type=positive(float), default=10.0, help=(
         "seconds any request may take to start arriving; after that each such window must bring "
@@ -55,8 +70,71 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why host:port cannot be served (checked once by the supervisor), or None."""
+    import socket
+    from .serving import reuse_port_socket
+    try:  # SO_REUSEPORT would let us bind beside another server of this user: see if one answers
+        with socket.create_connection((host if host not in ("0.0.0.0", "::") else "127.0.0.1", port), timeout=0.5):
+            return f"error: {host}:{port} is already in use; pick another with --host/--port"
+    except OSError:
+        pass
+    try:
+        reuse_port_socket(host, port).close()
+    except OSError as e:
+        why = {errno.EADDRINUSE: "is already in use", errno.EACCES: "needs more privileges",
+               errno.EADDRNOTAVAIL: "is not an address of this machine"}.get(e.errno, f"cannot be used ({e.strerror})")
+        return f"error: {host}:{port} {why}; pick another with --host/--port"
+    return None
+
+
+def supervise(args, argv: list[str]) -> int:
+    """`--workers N` (N > 1): N `python -m server` processes on one port (SO_REUSEPORT), each
+    with its own interpreter; stops them all on Ctrl-C/SIGTERM or when one fails."""
+    problem = port_problem(args.host, args.port)
+    if problem:
+        print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    child = [a for i, a in enumerate(argv) if a != "--workers" and (i == 0 or argv[i - 1] != "--workers")
+             and not a.startswith("--workers=")]
+    threads = args.model_threads or max(1, (os.cpu_count() or 1) // args.workers)
+    cmd = [sys.executable, "-m", "server", *child, "--workers", "1", "--reuse-port", "--model-threads", str(threads)]
+    procs = [subprocess.Popen(cmd) for _ in range(args.workers)]
+    stop = {"signal": False}
+
+    def on_signal(signum, frame):
+        stop["signal"] = True
+    signal.signal(signal.SIGTERM, on_signal)
+    print(f"serving on http://{args.host}:{args.port}/ with {args.workers} worker processes "
+          f"({threads} interpreter thread{'s' * (threads != 1)} each)", flush=True)
+    status = EXIT_OK
+    try:
+        while not stop["signal"]:
+            done = [p for p in procs if p.poll() is not None]
+            if done:
+                status = next((p.returncode for p in done if p.returncode), EXIT_OK)
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    return status
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.workers > 1 and not args.debug:
+        return supervise(args, argv)
+    if args.model_threads is None:
+        args.model_threads = max(1, (os.cpu_count() or 1) // args.workers)
     try:
         from .app import create_app
         from .serving import ServeOptions, make_server
@@ -76,7 +154,7 @@ def main(argv=None) -> int:
         app.run(host=args.host, port=args.port, debug=True, use_reloader=False)
         return EXIT_OK
     options = ServeOptions(host=args.host, port=args.port, threads=args.threads, max_upload_bytes=max_upload,
-                           request_grace_s=args.client_grace)
+                           request_grace_s=args.client_grace, reuse_port=args.reuse_port)
     try:
         server = make_server(app, options)
     except OSError as e:
@@ -85,7 +163,8 @@ def main(argv=None) -> int:
         print(f"error: {args.host}:{args.port} {why}; pick another with --host/--port", file=sys.stderr)
         return EXIT_USAGE
     print(f"serving {Path(args.model).name} on http://{args.host}:{args.port}/ "
-          f"(waitress, {args.threads} threads)", flush=True)
+          f"(waitress, {args.threads} threads{', worker process ' + str(os.getpid()) if args.reuse_port else ''})",
+          flush=True)
     try:
         server.run()
     except KeyboardInterrupt:

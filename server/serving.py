@@ -50,6 +50,7 @@ class ServeOptions:
     min_rate_bytes_s: int = 2048  # after the grace, each grace-long window must bring at least this rate
     request_timeout_s: float = 120.0  # no request may take longer to arrive (10 MB at 0.7 Mbit/s)
     max_buffered_bytes: int = 256 * 2**20  # all unfinished request bodies together
+    reuse_port: bool = False  # SO_REUSEPORT: several worker processes share the port (Linux balances them)
 
     @property
     def max_body_bytes(self) -> int:
@@ -160,12 +161,29 @@ def guard(server: BaseWSGIServer, options: ServeOptions) -> None:
     server.maintenance = maintenance
 
 
+def reuse_port_socket(host: str, port: int):
+    """A bound TCP socket with SO_REUSEPORT, for one of several worker processes on one port."""
+    import socket
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def make_server(app, options: ServeOptions):
     """A waitress server for `app` with the limits above; `.run()` serves, `.close()` stops.
     Raises OSError when the address cannot be bound (port in use, no permission)."""
     socket_map: dict = {}
+    where = {"sockets": [reuse_port_socket(options.host, options.port)]} if options.reuse_port else \
+        {"host": options.host, "port": options.port}
     server = create_server(
-        app, map=socket_map, host=options.host, port=options.port, threads=options.threads,
+        app, map=socket_map, **where, threads=options.threads,
         ident="melanoma-screen", max_request_body_size=options.max_body_bytes,
         # never spool a body to disk: a chunked body is checked against the limit only after a
         # read (recv_bytes, 8 KB) has been buffered, so leave room above it

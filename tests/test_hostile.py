@@ -93,7 +93,7 @@ def start_server(tiny_model: Path, root: Path, *extra: str) -> RealServer:
     env = {**os.environ, "TMPDIR": str(tmpdir), "TEMPFILE_RECORD": str(record),
            "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])}
     proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(tiny_model), "--port", str(port),
-                             "--threads", "4", "--model-threads", "1", *extra],
+                             "--threads", "4", "--model-threads", "1", "--workers", "1", *extra],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     server = RealServer(proc, port, tmpdir, record)
     for _ in range(150):

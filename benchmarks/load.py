@@ -1,0 +1,157 @@
+"""Load test of the real server: `python -m server --workers N` under a threaded client, with the
+model's own single-image time (decode + inference, 1 thread) measured in the same run.
+
+    python -m benchmarks.load [--workers 1 2] [--concurrency 16] [--requests 2000] [--image PATH]
+
+For each worker count: requests/s, p50/p90/p99 latency and errors at the given concurrency, and
+the efficiency ratio requests/s / (cores / single-image time), the ideal being 1. Results go to
+reports/load.{json,md} (merged by worker count). Run it on an idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+REPORTS = REPO / "reports"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def multipart(data: bytes) -> tuple[bytes, str]:
+    boundary = "loadtestboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"l.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def single_image_ms(model: Path, data: bytes, runs: int = 200) -> dict:
+    """Median decode + inference time of one upload, one interpreter thread, in this process."""
+    from edge import Classifier
+    clf = Classifier(model, num_threads=1)
+    for _ in range(20):
+        clf.classify(data)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        clf.classify(data)
+        times.append((time.perf_counter() - t0) * 1000)
+    return {"p50_ms": statistics.median(times), "runs": runs}
+
+
+def start_server(model: Path, workers: int, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(model), "--port", str(port),
+                             "--workers", str(workers), "--threads", "8"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for _ in range(200):
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                time.sleep(1.0 if workers > 1 else 0.2)  # let every worker finish loading
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"server did not start: {proc.stderr.read().decode()[-500:]}")
+
+
+def hammer(port: int, data: bytes, concurrency: int, requests: int) -> dict:
+    body, ctype = multipart(data)
+
+    def worker(n: int):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # keep-alive per client
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", "/api/v1/predict", body=body, headers={"Content-Type": ctype})
+                r = conn.getresponse()
+                r.read()
+                ok = r.status == 200
+            except OSError:
+                ok = False
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            out.append(((time.perf_counter() - t0) * 1000, ok))
+        conn.close()
+        return out
+    per = [requests // concurrency + (i < requests % concurrency) for i in range(concurrency)]
+    hammer_warm = worker(20)  # noqa: F841  warm-up on one connection
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = [r for chunk in pool.map(worker, per) for r in chunk]
+    wall = time.perf_counter() - t0
+    lat = np.array([r[0] for r in results])
+    return {"requests": len(results), "errors": int(sum(not r[1] for r in results)), "seconds": round(wall, 2),
+            "requests_per_s": len(results) / wall, "p50_ms": float(np.percentile(lat, 50)),
+            "p90_ms": float(np.percentile(lat, 90)), "p99_ms": float(np.percentile(lat, 99))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from edge.runner import DEFAULT_MODEL
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--image", type=Path, default=REPO / "tests" / "fixtures" / "lesion.jpg")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count() or 1])
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--out", type=Path, default=REPORTS)
+    args = ap.parse_args(argv)
+    data = args.image.read_bytes()
+    cores = os.cpu_count() or 1
+    single = single_image_ms(args.model, data)
+    ideal = cores / (single["p50_ms"] / 1000)
+    runs = []
+    for w in args.workers:
+        port = free_port()
+        proc = start_server(args.model, w, port)
+        try:
+            r = hammer(port, data, args.concurrency, args.requests)
+        finally:
+            proc.send_signal(2)
+            proc.wait(timeout=20)
+        r.update(workers=w, concurrency=args.concurrency, efficiency=r["requests_per_s"] / ideal,
+                 p99_over_p50=r["p99_ms"] / r["p50_ms"])
+        runs.append(r)
+        print(f"workers {w}: {r['requests_per_s']:.0f} req/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+              f"errors {r['errors']}, efficiency {r['efficiency']:.2f}", flush=True)
+    report = {"model": args.model.name, "image": args.image.name, "image_bytes": len(data), "cores": cores,
+              "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
+              "single_image_decode_inference_ms_1_thread": single["p50_ms"], "ideal_requests_per_s": ideal,
+              "runs": runs, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "load.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# Server load test: {report['model']}", "",
+             f"`python -m benchmarks.load`, {cores} cores ({report['machine']}), image {report['image']} "
+             f"({len(data)} bytes). Single image, decode + inference, 1 interpreter thread: "
+             f"{single['p50_ms']:.2f} ms (median of {single['runs']}), so the ideal is {ideal:.0f} requests/s.", "",
+             "| workers | concurrency | requests | errors | req/s | p50 ms | p90 ms | p99 ms | p99/p50 | efficiency |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['workers']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.0f} | "
+                     f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['p99_over_p50']:.2f} | "
+                     f"{r['efficiency']:.2f} |")
+    (args.out / "load.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""#16 item 2: `python -m server --workers N` runs N processes on one port, each with its own
+interpreter, and stops them together."""
+import http.client
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, free_port, jpeg_bytes, lesion_image
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balancing is Linux's")
+def test_workers_share_one_port_and_stop_together(tiny_models):
+    from benchmarks.load import multipart
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(tiny_models["uint8"]), "--port", str(port),
+                             "--workers", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(150):
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+                c.request("GET", "/healthz")
+                if c.getresponse().status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        time.sleep(1)
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        body, ctype = multipart(jpeg_bytes(lesion_image(1)))
+
+        def call(_):
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+            c.request("POST", "/api/v1/predict", body=body, headers={"Content-Type": ctype})
+            return c.getresponse().status
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(call, range(64))) == {200}
+        busy = [int(Path(f"/proc/{w}/stat").read_text().split()[13]) for w in workers]  # user CPU ticks
+        assert all(t > 0 for t in busy), busy  # both processes did work
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "2 worker processes" in out
+    assert all(not Path(f"/proc/{w}").exists() for w in workers)
+
+
+def test_workers_port_in_use_is_one_line(tiny_models):
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "server", "--model", str(tiny_models["uint8"]), "--port", str(port),
+                            "--workers", "2"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "already in use" in r.stderr and "Traceback" not in r.stderr
