@@ -33,16 +33,54 @@ def default_threads() -> list[int]:
 
 
 # --------------------------------------------------------------------------- latency
-def onnx_bench(float_tflite: Path, threads: int, runs: int, warmup: int) -> dict:
-    """ONNX Runtime on the same network: the float32 .tflite converted with tf2onnx."""
+def onnx_models(float_tflite: Path, folder: Path, log) -> dict[str, Path | str]:
+    """The same network for ONNX Runtime: {"float32": the float32 .tflite converted by tf2onnx,
+    "int8": that model statically quantized (QDQ, per-channel int8 weights, int8 activations) by
+    onnxruntime.quantization, calibrated on the images the .tflite int8 export was calibrated on}.
+    A value that is a string says why that file could not be made."""
     import subprocess
-    with tempfile.TemporaryDirectory() as d:
-        onnx_path = Path(d) / "model.onnx"
-        conv = subprocess.run([sys.executable, "-m", "tf2onnx.convert", "--tflite", str(float_tflite),
-                               "--output", str(onnx_path), "--opset", "17"], capture_output=True, text=True)
-        if conv.returncode != 0:
-            raise RuntimeError("tf2onnx conversion failed: " + conv.stderr.strip().splitlines()[-1])
-        return run_child("onnx", path=str(onnx_path), threads=threads, runs=runs, warmup=warmup)
+    out: dict[str, Path | str] = {}
+    f32 = folder / "model.onnx"
+    conv = subprocess.run([sys.executable, "-m", "tf2onnx.convert", "--tflite", str(float_tflite),
+                           "--output", str(f32), "--opset", "17"], capture_output=True, text=True)
+    if conv.returncode != 0:
+        return {"float32": "tf2onnx conversion failed: " + conv.stderr.strip().splitlines()[-1]}
+    out["float32"] = f32
+    try:
+        images = calibration_images(float_tflite)
+    except Exception as e:  # no data folder or no training stack here
+        out["int8"] = f"no calibration images ({type(e).__name__}: {e})"
+        return out
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            import onnxruntime as ort
+            name = ort.InferenceSession(str(f32), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+            self.items = iter([{name: x[None]} for x in images])
+
+        def get_next(self):
+            return next(self.items, None)
+    int8 = folder / "model_int8.onnx"
+    t0 = time.time()
+    quantize_static(str(f32), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    log(f"ONNX Runtime static int8 (QDQ) quantization on {len(images)} images in {time.time() - t0:.0f}s")
+    out["int8"] = int8
+    return out
+
+
+def calibration_images(float_tflite: Path):
+    """The training-split images the int8 .tflite export calibrated on (same seed, same count)."""
+    import numpy as np
+    from edge import read_sidecar
+    from train.rundir import load_sidecar_data
+    rows, pixels, cfg = load_sidecar_data(float_tflite)
+    n = read_sidecar(float_tflite.with_name(float_tflite.name.replace("float32", "int8")))["quantization"][
+        "calibration_images"]
+    idx = rows.index[rows["split"] == "train"].to_numpy()
+    pick = np.sort(np.random.default_rng(cfg.seed).choice(idx, size=min(n, len(idx)), replace=False))
+    return [np.asarray(pixels[i], np.float32) for i in pick]
 
 
 def cold_starts(default_model: Path, image: Path, backbone: str, image_size: int) -> dict:
@@ -84,15 +122,25 @@ def run_baselines(report: dict, models: list[Path], macs: dict, threads: list[in
         f32 = MODELS / f"{backbone}_float32.tflite"
         absent = not_installed("tf2onnx", "onnxruntime")
         if f32.exists() and absent:
-            skip(report, f"{backbone} ONNX Runtime float32", f"{absent} is not installed", log)
-        for t in threads if f32.exists() and not absent else []:
-            try:
-                r = onnx_bench(f32, t, runs, warmup)
-                report["baselines"].append({"name": f"{backbone} ONNX Runtime float32 (tf2onnx of {f32.name})",
-                                            "model": backbone, **r})
-                log(f"ONNX Runtime {backbone} threads={t}: p50 {r['latency_ms_p50']:.2f} ms")
-            except (RuntimeError, ImportError) as e:
-                report["baselines"].append({"name": f"{backbone} ONNX Runtime", "error": str(e)})
+            skip(report, f"{backbone} ONNX Runtime", f"{absent} is not installed", log)
+        if f32.exists() and not absent:
+            with tempfile.TemporaryDirectory() as d:
+                files = onnx_models(f32, Path(d), log)
+                for kind, path in files.items():
+                    name = f"{backbone} ONNX Runtime {kind}" + (" (static QDQ, same calibration images)"
+                                                               if kind == "int8" else f" (tf2onnx of {f32.name})")
+                    if isinstance(path, str):
+                        skip(report, name, path, log)
+                        continue
+                    for t in threads:
+                        try:
+                            r = run_child("onnx", path=str(path), threads=t, runs=runs, warmup=warmup)
+                        except (RuntimeError, ImportError) as e:
+                            report["baselines"].append({"name": name, "error": str(e)})
+                            break
+                        report["baselines"].append({"name": name, "model": backbone, "runtime": "onnxruntime",
+                                                    "precision": kind, **r})
+                        log(f"{name} threads={t}: p50 {r['latency_ms_p50']:.2f} ms")
     image = REPO / "tests" / "fixtures" / "lesion.jpg"
     default = MODELS / "efficientnet_lite0_int8.tflite"
     if not_installed("tensorflow", "tf_keras"):
@@ -167,6 +215,7 @@ def latency_markdown(report: dict) -> str:
             else:
                 lines.append(f"| {b['name']} | {b['num_threads']} | {b['init_ms']:.0f} | {b['first_inference_ms']:.1f} | "
                              f"{b['latency_ms_p50']:.2f} | {b['latency_ms_p90']:.2f} | {b['latency_ms_p99']:.2f} | {b['peak_memory_mb']:.0f} |")
+    lines += int8_comparison(report)
     if "cold_start" in report:
         c = report["cold_start"]
         lines += ["", "## Cold start (process start to first printed prediction)", "",
@@ -176,6 +225,29 @@ def latency_markdown(report: dict) -> str:
     if macs:
         lines += ["", "## Compute", ""] + [f"- {k}: {v / 1e6:.0f} M multiply-accumulates per image" for k, v in macs.items()]
     return "\n".join(lines) + "\n"
+
+
+def int8_comparison(report: dict) -> list[str]:
+    """int8 TFLite against ONNX Runtime int8 on the same network, per thread count, said plainly."""
+    out = []
+    for e in report["models"]:
+        if not e["file"].endswith("_int8.tflite") or "pruned" in e["file"]:
+            continue
+        onnx = {b["num_threads"]: b for b in report["baselines"] if b.get("model") == e.get("model")
+                and b.get("precision") == "int8" and "latency_ms_p50" in b}
+        rows = [(int(t), r["latency_ms_p50"], onnx[int(t)]["latency_ms_p50"]) for t, r in e["by_threads"].items()
+                if int(t) in onnx]
+        if not rows:
+            continue
+        out += ["", f"## {e['file']} against ONNX Runtime int8 (same network, same calibration images)", "",
+                "| threads | TFLite int8 p50 ms | ONNX Runtime int8 p50 ms | ratio | faster |", "|---|---|---|---|---|"]
+        for t, a, b in rows:
+            out.append(f"| {t} | {a:.2f} | {b:.2f} | {b / a:.2f} | {'TFLite' if a < b else 'ONNX Runtime'} |")
+        slower = [t for t, a, b in rows if a >= b]
+        out.append("")
+        out.append("The TFLite int8 file is faster at every thread count measured." if not slower else
+                   f"The TFLite int8 file is NOT faster at {', '.join(map(str, slower))} thread(s).")
+    return out
 
 
 # --------------------------------------------------------------------------- tradeoff
