@@ -21,7 +21,7 @@ from pathlib import Path
 from edge import MODELS_DIR
 from train.config import WORKSPACE
 
-from .measure import (REPO, bench_keras, bench_onnx, bench_tflite, cold_start, file_sizes, machine, peak_gflops,
+from .measure import (REPO, bench_extras, bench_keras, bench_onnx, bench_tflite, cold_start, file_sizes, machine, peak_gflops,
                       run_child)
 
 MODELS = MODELS_DIR  # models/ in a checkout, edge/models when installed
@@ -171,6 +171,14 @@ def run_latency(models: list[Path], threads: list[int], runs: int, warmup: int, 
                 f"init {r['init_ms']:.0f} ms, peak RSS {r['peak_memory_mb']:.0f} MB")
         report["models"].append(entry)
         macs.setdefault(meta["model"], 0)
+    default = MODELS / "efficientnet_lite0_int8.tflite"
+    if default in models:
+        report["explain_and_refuse"] = {str(t): run_child("extras", path=str(default), threads=t, runs=runs,
+                                                          warmup=warmup) for t in threads}
+        for t, r in report["explain_and_refuse"].items():
+            log(f"{default.name} threads={t}: scores only {r['scores_only_ms_p50']:.2f} ms, with heatmap + gate + "
+                f"quality {r['with_extras_ms_p50']:.2f} ms (+{100 * r['overhead_fraction']:.1f} %); "
+                f"Shades of Grey {r['shades_of_grey_ms_p50']:.2f} ms")
     if baselines:
         run_baselines(report, models, macs, threads, runs, warmup, log)
     for entry in report["models"] + [b for b in report["baselines"] if "model" in b and "latency_ms_p50" in b]:
@@ -216,6 +224,16 @@ def latency_markdown(report: dict) -> str:
                 lines.append(f"| {b['name']} | {b['num_threads']} | {b['init_ms']:.0f} | {b['first_inference_ms']:.1f} | "
                              f"{b['latency_ms_p50']:.2f} | {b['latency_ms_p90']:.2f} | {b['latency_ms_p99']:.2f} | {b['peak_memory_mb']:.0f} |")
     lines += int8_comparison(report)
+    if "explain_and_refuse" in report:
+        lines += ["", "## Heatmap, refusal gate and colour constancy on the default model (same run)", "",
+                  "Per image, after decoding: `scores only` = set input, invoke, read the scores; `with extras` = the "
+                  "same invoke also reading the feature map and the embedding, plus the class activation maps, the "
+                  "gate distance and the quality checks (what `classify` does). Shades of Grey on the 224x224 array.", "",
+                  "| threads | scores only p50 ms | with extras p50 ms | overhead | Shades of Grey p50 ms |",
+                  "|---|---|---|---|---|"]
+        for t, r in report["explain_and_refuse"].items():
+            lines.append(f"| {t} | {r['scores_only_ms_p50']:.2f} | {r['with_extras_ms_p50']:.2f} | "
+                         f"{100 * r['overhead_fraction']:+.1f} % | {r['shades_of_grey_ms_p50']:.2f} |")
     if "cold_start" in report:
         c = report["cold_start"]
         lines += ["", "## Cold start (process start to first printed prediction)", "",
@@ -365,7 +383,8 @@ def main(argv=None) -> int:
     if argv[:1] == ["_child"]:  # internal: one measurement in a fresh process
         kind, kw = argv[1], json.loads(argv[2])
         fn = {"tflite": lambda: bench_tflite(Path(kw["path"]), kw["threads"], kw["runs"], kw["warmup"]),
-              "keras": lambda: bench_keras(**kw), "onnx": lambda: bench_onnx(**kw)}[kind]
+              "keras": lambda: bench_keras(**kw), "onnx": lambda: bench_onnx(**kw),
+              "extras": lambda: bench_extras(Path(kw["path"]), kw["threads"], kw["runs"], kw["warmup"])}[kind]
         print(json.dumps(fn()))
         return 0
     args = build_parser().parse_args(argv)

@@ -138,6 +138,39 @@ def bench_onnx(path: str, threads: int, runs: int, warmup: int) -> dict:
             "peak_memory_mb": peak_rss_mb(), "backend": f"onnxruntime {ort.__version__}"}
 
 
+def bench_extras(path: Path, threads: int, runs: int, warmup: int) -> dict:
+    """What the heatmap and the refusals add to one image, in one process: the invoke reading the
+    scores only, against `classify`'s invoke + feature map + embedding + activation maps + gate
+    + quality checks; and Shades of Grey on the model-size array."""
+    from edge import Classifier
+    from edge.gate import quality_problem
+    from edge.preprocess import resized_array, shades_of_grey
+    clf = Classifier(path, num_threads=threads)
+    raw = resized_array(REPO / "tests" / "fixtures" / "lesion.jpg", clf.spec)
+    x = shades_of_grey(raw)
+    it, inp, out = clf._interpreter, clf.input_details, clf._output
+    batch = clf._prepare(x[None])
+
+    def scores_only():
+        it.set_tensor(inp["index"], batch)
+        it.invoke()
+        return it.get_tensor(out["index"]).copy()
+
+    def with_extras():
+        quality_problem(raw, clf.quality) if clf.quality else None
+        outs, _ = clf.predict_outputs(x)
+        if clf.gate is not None:
+            clf.gate.score(outs["embedding"])
+        clf._heatmap(outs, 1 if clf.classes else None)
+    a = time_calls(scores_only, runs, warmup)
+    b = time_calls(with_extras, runs, warmup)
+    c = time_calls(lambda: shades_of_grey(raw), runs, warmup)
+    return {"num_threads": threads, "scores_only_ms_p50": a["latency_ms_p50"], "with_extras_ms_p50": b["latency_ms_p50"],
+            "overhead_fraction": b["latency_ms_p50"] / a["latency_ms_p50"] - 1,
+            "shades_of_grey_ms_p50": c["latency_ms_p50"], "has_gate": clf.gate is not None,
+            "has_heatmap": clf.head_kernel is not None}
+
+
 def count_macs(model) -> int:
     """Multiply-accumulates of one image through Conv2D, DepthwiseConv2D and Dense layers."""
     import tf_keras as keras

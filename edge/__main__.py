@@ -58,8 +58,9 @@ def shown(path: Path) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
-def progress(items, as_json: bool, err, total: int):
+def progress(items, as_json: bool, err, total: int | None = None):
     """The items, wrapped in a tqdm bar on stderr when it is a terminal and the folder is large."""
+    total = len(items) if total is None else total
     if as_json or total < PROGRESS_FROM or not getattr(err, "isatty", lambda: False)():
         return items
     from tqdm import tqdm
@@ -175,8 +176,10 @@ def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, er
                   file=out)
         print(f"\n{DISCLAIMER}", file=out, flush=True)
     also = f" ({malignant} possibly malignant)" if multitask else ""
+    can_refuse = clf.refuse and (clf.gate is not None or clf.quality is not None)
     print(f"{len(images)} image{'s' * (len(images) != 1)}: {len(images) - failures - refusals} predicted, "
-          f"{flagged} flagged{also}, {refusals} refused, {failures} unreadable", file=err)
+          f"{flagged} flagged{also}, " + (f"{refusals} refused, " if can_refuse else "") + f"{failures} unreadable",
+          file=err)
     return EXIT_UNREADABLE if failures else (EXIT_REFUSED if refusals else EXIT_OK)
 
 
