@@ -36,8 +36,10 @@ class QualityLimits:
 
 
 def quality_measures(x: np.ndarray) -> dict:
-    """Contrast, exposure and sharpness of an (H, W, 3) float image, values 0..255."""
-    grey = np.asarray(x, dtype=np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    """Contrast, exposure and sharpness of an (H, W, 3) float image, values 0..255, measured on
+    every second pixel of every second row (a quarter of the work; blur that matters for a
+    224-pixel model survives it)."""
+    grey = np.asarray(x, dtype=np.float32)[::2, ::2] @ np.array([0.299, 0.587, 0.114], np.float32)
     lap = (grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4 * grey[1:-1, 1:-1])
     return {"contrast": float(grey.std()), "bright_fraction": float(np.mean(grey >= 250)),
             "dark_fraction": float(np.mean(grey <= 8)), "sharpness": float(lap.var())}

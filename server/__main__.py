@@ -131,8 +131,6 @@ def supervise(args, argv: list[str]) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.workers > 1 and not args.debug:
-        return supervise(args, argv)
     if args.model_threads is None:
         args.model_threads = max(1, (os.cpu_count() or 1) // args.workers)
     try:
@@ -149,6 +147,9 @@ def main(argv=None) -> int:
     except (SidecarError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if args.workers > 1 and not args.debug:  # the model and flags are valid: start the worker processes
+        del app
+        return supervise(args, argv)
     if args.debug:
         print(f"serving {Path(args.model).name} on http://{args.host}:{args.port}/ (Flask debug server)", flush=True)
         app.run(host=args.host, port=args.port, debug=True, use_reloader=False)
