@@ -244,3 +244,61 @@ def test_head_kernel_round_trip():
     import base64
     k = np.arange(12, dtype="<f2").reshape(4, 3)
     assert np.array_equal(head_kernel({"kernel_b64": base64.b64encode(k.tobytes()).decode(), "shape": [4, 3]}), k)
+
+
+def test_browser_result_page_with_image_overlay_and_refusal(explained_model, tmp_path):
+    """Headless Chromium at phone width: the result page shows the upload and its overlay (data:
+    URIs allowed by the CSP and actually rendered), the diagnosis bars, no sideways scroll; a
+    blank frame gets the refusal page."""
+    import threading
+    import time
+    import urllib.request
+    import waitress
+    from server import create_app
+    from .conftest import free_port
+    from .test_server import CHROMEDRIVER, CHROMIUM
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("Debian chromium/chromium-driver not installed (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+    app = create_app({"TESTING": True, "MODEL_PATH": str(explained_model), "NUM_THREADS": 1})
+    port = free_port()
+    server = waitress.create_server(app, host="127.0.0.1", port=port, threads=2)
+    threading.Thread(target=server.run, daemon=True).start()
+    for _ in range(50):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=390,844"):
+        opts.add_argument(flag)
+    lesion_image(5, size=(300, 240)).save(tmp_path / "lesion.jpg")
+    Image.new("RGB", (200, 200), (180, 180, 180)).save(tmp_path / "blank.png")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    try:
+        driver.get(f"http://127.0.0.1:{port}/")
+        driver.find_element(By.ID, "image").send_keys(str(tmp_path / "lesion.jpg"))
+        driver.find_element(By.ID, "submit").click()
+        WebDriverWait(driver, 30).until(expected_conditions.presence_of_element_located((By.ID, "overlay")))
+        for element in ("uploaded", "overlay"):
+            assert driver.execute_script(f"return document.getElementById('{element}').naturalWidth") > 0
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#diagnoses meter")) == len(DIAGNOSES)
+        assert driver.find_element(By.ID, "malignant-probability").text.endswith("%")
+        assert "not a diagnosis" in driver.find_element(By.CSS_SELECTOR, ".disclaimer").text
+        assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
+        driver.get(f"http://127.0.0.1:{port}/")
+        driver.find_element(By.ID, "image").send_keys(str(tmp_path / "blank.png"))
+        driver.find_element(By.ID, "submit").click()
+        reason = WebDriverWait(driver, 30).until(expected_conditions.presence_of_element_located((By.ID, "reason")))
+        assert "uniform" in reason.text
+    finally:
+        driver.quit()
+        server.close()
