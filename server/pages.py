@@ -4,6 +4,8 @@ from pathlib import Path
 
 from flask import Blueprint, abort, current_app, render_template, send_from_directory
 
+from edge import ImageError
+
 from .classifier import get_classifier
 from .uploads import classify_upload, display_images
 
@@ -45,7 +47,11 @@ def predict():
     pred, data = classify_upload()
     if pred.refused:
         return render_template("refused.html", p=pred, m=model_summary()), 422
-    return render_template("result.html", p=pred, m=model_summary(), shown=display_images(data, pred))
+    try:
+        shown = display_images(data, pred)
+    except (ImageError, OSError, ValueError):  # the answer stands; only the pictures are left out
+        shown = {}
+    return render_template("result.html", p=pred, m=model_summary(), shown=shown)
 
 
 @bp.get("/tradeoffs")

@@ -40,8 +40,11 @@ def classify_upload() -> tuple[Prediction, bytes]:
 def data_uri(img, fmt: str = "JPEG") -> str:
     """A PIL image as a data: URI (the page shows uploads without ever storing them)."""
     import base64
+    import numpy as np
+    from PIL import Image
+    clean = Image.fromarray(np.asarray(img.convert("RGB")))  # pixels only: no EXIF, ICC, comments or GPS
     buf = io.BytesIO()
-    img.convert("RGB").save(buf, fmt, **({"quality": 85} if fmt == "JPEG" else {}))
+    clean.save(buf, fmt, **({"quality": 85} if fmt == "JPEG" else {}))
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
 
 

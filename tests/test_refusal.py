@@ -302,3 +302,19 @@ def test_browser_result_page_with_image_overlay_and_refusal(explained_model, tmp
     finally:
         driver.quit()
         server.close()
+
+
+def test_result_page_images_carry_no_metadata(explained_model):
+    """The data: URIs are re-encoded pixels: a 64 KB JPEG comment or EXIF never reaches the page."""
+    import base64
+    import re
+    from server import create_app
+    img = lesion_image(7, size=(120, 100))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", comment=b"x" * 65000, exif=Image.Exif())
+    app = create_app({"TESTING": True, "MODEL_PATH": str(explained_model), "NUM_THREADS": 1})
+    r = app.test_client().post("/predict", data={"image": (io.BytesIO(buf.getvalue()), "c.jpg")})
+    assert r.status_code == 200
+    uri = re.search(r'id="uploaded" src="data:image/jpeg;base64,([^"]+)"', r.data.decode()).group(1)
+    shown = Image.open(io.BytesIO(base64.b64decode(uri)))
+    assert "comment" not in shown.info and "exif" not in shown.info
