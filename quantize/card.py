@@ -35,6 +35,10 @@ def leave_source_out(reports_dir: Path) -> list[dict]:
     return sorted(found, key=lambda r: (r.get("recipe", {}).get("target") != "binary", r.get("model", "")))
 
 
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def render(models_dir: Path, reports_dir: Path | None = None) -> str:
     reports_dir = Path(reports_dir) if reports_dir else Path(models_dir).resolve().parent / "reports"
     metas = [json.loads(p.read_text()) for p in sorted(Path(models_dir).glob("*.json"))]
@@ -48,7 +52,9 @@ def render(models_dir: Path, reports_dir: Path | None = None) -> str:
         cm=d["metrics"]["test"]["all"]["confusion_matrix"], par=d["metrics"]["parity_vs_keras_float"],
         pol=d["threshold_policy"], pre=d["preprocessing"], q=d["quantization"], lineage=d.get("training_lineage"),
         lso=leave_source_out(reports_dir), dxm=d["metrics"].get("diagnosis"), mal=d["metrics"].get("malignant"),
-        reliability_png=(reports_dir / "default_int8" / "reliability.png").is_file())
+        reliability_png=(reports_dir / "default_int8" / "reliability.png").is_file(),
+        refusals=d["metrics"].get("refusals"), ood=read_json(reports_dir / "ood.json"),
+        checks=read_json(reports_dir / "heatmap_checks.json"), pct=lambda x: "-" if x is None else f"{100 * x:.1f} %")
 
 
 def write_card(models_dir: Path, out: Path) -> int:
