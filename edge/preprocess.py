@@ -304,23 +304,20 @@ def open_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None
     limits = limits or DecodeLimits(max_pixels=max_pixels)
     name, stream = read_source(source, limits)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow's notes on corrupt metadata are not for the user
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(stream, formats=ALLOWED_FORMATS) as img:
-                check_header(img, name, limits)
-                check_scans(stream, img, name, limits)
-                full_size = img.size
-                if draft_size is not None and img.format in ("JPEG", "MPO"):
-                    img.draft("RGB", (draft_size[1] * 2, draft_size[0] * 2))
-                need = check_memory(img, name, limits, full_size)
-                with budget.reserve(need) if budget is not None else nullcontext():
-                    img.load()
-                    is_jpeg, mode, turn = img.format in ("JPEG", "MPO"), img.mode, orientation(img)
-                    out = shrink(img, draft_size)
-                    if is_jpeg:  # before the EXIF turn: libjpeg's padding is at the bottom of the stored image
-                        check_complete(out, name, len(stream.getbuffer()), full_size)
-                    out = to_rgb(out.transpose(turn) if turn is not None else out, name, source_mode=mode)
+        with Image.open(stream, formats=ALLOWED_FORMATS) as img:
+            check_header(img, name, limits)
+            check_scans(stream, img, name, limits)
+            full_size = img.size
+            if draft_size is not None and img.format in ("JPEG", "MPO"):
+                img.draft("RGB", (draft_size[1] * 2, draft_size[0] * 2))
+            need = check_memory(img, name, limits, full_size)
+            with budget.reserve(need) if budget is not None else nullcontext():
+                img.load()
+                is_jpeg, mode, turn = img.format in ("JPEG", "MPO"), img.mode, orientation(img)
+                out = shrink(img, draft_size)
+                if is_jpeg:  # before the EXIF turn: libjpeg's padding is at the bottom of the stored image
+                    check_complete(out, name, len(stream.getbuffer()), full_size)
+                out = to_rgb(out.transpose(turn) if turn is not None else out, name, source_mode=mode)
         return out
     except ImageError:
         raise
@@ -410,3 +407,29 @@ def preprocess_uint8(source: ImageSource, spec: PreprocessSpec = PreprocessSpec(
 
 # Truncated files must be reported, never silently half-decoded.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Pillow's notes on corrupt metadata are not for the user, and a bomb warning is an error. Set
+# once, at import: warnings.catch_warnings() around each decode is not thread-safe (the server
+# and the CLI's decode pool decode in threads; one thread leaving the block restored the filters
+# under another, whose warning then reached stderr).
+warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+def _quiet_libtiff() -> None:
+    """libtiff prints its decoding errors straight to file descriptor 2 (Pillow still raises
+    them, and we name the file); with decoding in threads those bytes cut through our own lines.
+    Clear its error and warning handlers (Linux, where /proc lists the loaded library; a no-op
+    elsewhere)."""
+    try:
+        import ctypes
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libtiff" in line and ".so" in line}
+        for path in paths:
+            lib = ctypes.CDLL(path)
+            lib.TIFFSetErrorHandler(None)
+            lib.TIFFSetWarningHandler(None)
+    except (OSError, AttributeError):
+        pass
+
+
+_quiet_libtiff()
