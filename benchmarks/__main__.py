@@ -44,7 +44,7 @@ def onnx_models(float_tflite: Path, folder: Path, log) -> dict[str, Path | str]:
     conv = subprocess.run([sys.executable, "-m", "tf2onnx.convert", "--tflite", str(float_tflite),
                            "--output", str(f32), "--opset", "17"], capture_output=True, text=True)
     if conv.returncode != 0:
-        return {"float32": "tf2onnx conversion failed: " + conv.stderr.strip().splitlines()[-1]}
+        return {"float32": "tf2onnx conversion failed: " + (conv.stderr.strip().splitlines() or ["no message"])[-1]}
     out["float32"] = f32
     try:
         images = calibration_images(float_tflite)
@@ -125,7 +125,10 @@ def run_baselines(report: dict, models: list[Path], macs: dict, threads: list[in
             skip(report, f"{backbone} ONNX Runtime", f"{absent} is not installed", log)
         if f32.exists() and not absent:
             with tempfile.TemporaryDirectory() as d:
-                files = onnx_models(f32, Path(d), log)
+                try:
+                    files = onnx_models(f32, Path(d), log)
+                except Exception as e:  # a converter or quantizer failure must not lose the report
+                    files = {"float32": f"ONNX conversion failed: {type(e).__name__}: {e}"}
                 for kind, path in files.items():
                     name = f"{backbone} ONNX Runtime {kind}" + (" (static QDQ, same calibration images)"
                                                                if kind == "int8" else f" (tf2onnx of {f32.name})")

@@ -56,9 +56,10 @@ def single_image_ms(model: Path, data: bytes, runs: int = 200) -> dict:
 
 
 def start_server(model: Path, workers: int, port: int) -> subprocess.Popen:
+    log = open(os.devnull, "w")  # waitress logs queue depth under load: an unread pipe would fill and stall it
     proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(model), "--port", str(port),
                              "--workers", str(workers), "--threads", "8"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=log, stderr=log)
     for _ in range(200):
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
@@ -69,7 +70,7 @@ def start_server(model: Path, workers: int, port: int) -> subprocess.Popen:
         except OSError:
             time.sleep(0.1)
     proc.kill()
-    raise RuntimeError(f"server did not start: {proc.stderr.read().decode()[-500:]}")
+    raise RuntimeError(f"server did not start on port {port} (run python -m server --workers {workers} to see why)")
 
 
 def hammer(port: int, data: bytes, concurrency: int, requests: int) -> dict:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import DEFAULT_MODEL, DISCLAIMER, Classifier, ImageError, SidecarError
-from .preprocess import FORMAT_NAMES, IMAGE_SUFFIXES
+from .preprocess import FORMAT_NAMES, IMAGE_SUFFIXES, DecodeLimits, MemoryBudget
 
 EXIT_OK, EXIT_USAGE, EXIT_UNREADABLE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 PROGRESS_FROM = 20  # a progress bar (stderr, terminals only) from this many images
@@ -71,7 +71,7 @@ def heatmap_name(path: Path, used: set) -> str:
     """A unique overlay file name for an input (two inputs may share a stem)."""
     base = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)[:80] or "image"
     name, k = f"{base}.heatmap.png", 1
-    while name in used:
+    while name in used:  # within this run; files from an earlier run in DIR are replaced
         k += 1
         name = f"{base}-{k}.heatmap.png"
     used.add(name)
@@ -159,8 +159,11 @@ def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, er
         malignant += bool(pred.malignant)
         row = {}
         if heatmaps is not None:
-            written = write_heatmap(clf, path, pred, heatmaps, used)
-            row = {"heatmap_file": str(written)} if written else {}
+            try:
+                written = write_heatmap(clf, path, pred, heatmaps, used)
+                row = {"heatmap_file": str(written)} if written else {}
+            except (ImageError, OSError) as e:  # the answer stands; say why the picture is missing
+                print(f"heatmap not written: {name}: {getattr(e, 'reason', None) or e.strerror or e}", file=err)
         if as_json:
             print(json.dumps({"image": name, **pred.to_dict(), **row, "tta": tta, **clf.identity(),
                               "disclaimer": DISCLAIMER}), file=out)
@@ -232,7 +235,8 @@ def run_cli(argv: list[str] | None = None) -> int:
         print("error: --threads must be at least 1", file=sys.stderr)
         return EXIT_USAGE
     try:
-        clf = Classifier(args.model, num_threads=args.threads)
+        # decodes in the pool share one memory budget, as the server's threads do
+        clf = Classifier(args.model, num_threads=args.threads, budget=MemoryBudget(DecodeLimits().max_decode_bytes))
     except (SidecarError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -164,8 +164,11 @@ class Classifier:
         # refusals (sidecars that carry them): image quality limits and the embedding gate
         self.refuse = refuse
         self.quality = QualityLimits.from_dict(self.meta["quality"]) if "quality" in self.meta else None
-        self.gate = Gate.from_dict(self.meta["gate"]) if "gate" in self.meta else None
-        self.head_kernel = head_kernel(self.meta["head"]) if "head" in self.meta else None
+        try:
+            self.gate = Gate.from_dict(self.meta["gate"]) if "gate" in self.meta else None
+            self.head_kernel = head_kernel(self.meta["head"]) if "head" in self.meta else None
+        except (ValueError, TypeError, KeyError) as e:  # a damaged base64 field or a wrong size
+            raise SidecarError(f"{self.model_path.name}: the sidecar's gate or head cannot be read ({e})") from None
         self.num_threads = num_threads
         self.max_pixels = max_pixels
         self.budget = budget  # shared by the threads that call classify(), if given
@@ -176,6 +179,9 @@ class Classifier:
         extra = self.meta["output"].get("extra", {})
         self._extra = {name: next((o for o in outputs if [int(v) for v in o["shape"]] == list(e["shape"])), None)
                        for name, e in extra.items()}
+        if self.gate is not None and self._extra.get("embedding") is None:
+            raise SidecarError(f"{self.model_path.name}: the sidecar has a refusal gate but the file has no "
+                               "embedding output of the declared shape")
         actual, declared = [int(v) for v in self._input["shape"]], list(self.meta["input"]["shape"])
         if actual[1:] != declared[1:]:
             raise SidecarError(f"{self.model_path.name}: the model's input shape is {actual}, "
@@ -283,15 +289,15 @@ class Classifier:
         if isinstance(x, Prediction):
             return x
         outs, ms = self.predict_outputs(x)
+        ood = None
+        if self.gate is not None and "embedding" in outs:
+            ood = self.gate.score(outs["embedding"])
+            if self.refuse and ood > self.gate.threshold:  # before any TTA invoke
+                return refused("out_of_distribution", OOD_MESSAGE, ood, ms)
         if tta:
             views = [self.predict_scores(np.ascontiguousarray(v)) for v in dihedral_views(x)[1:]]
             outs["scores"] = np.mean([outs["scores"]] + [v[0] for v in views], axis=0)
             ms += sum(v[1] for v in views)
-        ood = None
-        if self.gate is not None and "embedding" in outs:
-            ood = self.gate.score(outs["embedding"])
-            if self.refuse and ood > self.gate.threshold:
-                return refused("out_of_distribution", OOD_MESSAGE, ood, ms)
         y = outs["scores"]
         score = float(melanoma_score(y[None], self.rule)[0])
         melanoma = score >= self.score_threshold  # the same decision as probability >= threshold
@@ -309,8 +315,9 @@ class Classifier:
         if melanoma:
             label = self.labels[1]
         elif suspected:
-            other = max((i for i in self.malignant_classes if self.classes[i] != "melanoma"), key=lambda i: dist[i])
-            label = f"not melanoma, but possibly malignant: {self.classes[other]}"
+            likely = max(self.malignant_classes or [top], key=lambda i: dist[i])
+            label = ("possibly melanoma (below the flagging threshold)" if self.classes[likely] == "melanoma"
+                     else f"not melanoma, but possibly malignant: {self.classes[likely]}")
         else:
             label = f"{self.labels[0]} (most likely {self.classes[top]})"
         return Prediction(label=label, diagnoses=tuple((self.classes[i], float(dist[i])) for i in order),

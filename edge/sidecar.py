@@ -106,6 +106,34 @@ def check_sidecar(meta, path: Path) -> None:
         malignant = meta.get("malignant_classes", [])
         if not (isinstance(malignant, list) and all(c in classes for c in malignant)):
             bad("malignant_classes", f"must be a list of names from 'classes', found {malignant!r}")
+        if classes[0] != "melanoma":
+            bad("classes", f"must start with melanoma (the column the score rules read), found {classes!r}")
+    for key in ("gate", "head", "quality"):
+        if key in meta and not isinstance(meta[key], dict):
+            bad(key, "must be a JSON object")
+    gate = meta.get("gate")
+    if gate is not None:
+        need = ("mean_b64", "basis_b64", "class_means_b64", "eigvals", "dims", "embedding_size", "classes",
+                "residual_var", "threshold")
+        missing_gate = [k for k in need if k not in gate]
+        if missing_gate:
+            bad("gate", f"lacks {missing_gate}")
+        if not isinstance(gate["threshold"], (int, float)) or isinstance(gate["threshold"], bool):
+            bad("gate.threshold", f"must be a number, found {gate['threshold']!r}")
+        if "embedding" not in meta["output"].get("extra", {}):
+            bad("gate", "needs an embedding output (output.extra.embedding), and the sidecar declares none")
+    head = meta.get("head")
+    if head is not None:
+        hs = head.get("shape")
+        fmap = meta["output"].get("extra", {}).get("feature_map", {}).get("shape")
+        columns = meta["output"].get("shape", [1, 1])[-1]
+        if not (isinstance(hs, list) and len(hs) == 2 and fmap and hs == [fmap[-1], columns]
+                and isinstance(head.get("kernel_b64"), str)):
+            bad("head", f"shape {hs!r} must be [feature map channels, output columns] = "
+                        f"[{fmap[-1] if fmap else '?'}, {columns}] with a kernel_b64")
+    quality = meta.get("quality") or {}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in quality.values()):
+        bad("quality", f"must map limit names to numbers, found {quality!r}")
     if meta.get("melanoma_rule", "binary") not in SCORE_RULES:
         bad("melanoma_rule", f"must be one of {list(SCORE_RULES)}, found {meta.get('melanoma_rule')!r}")
     mt = meta.get("malignant_threshold")

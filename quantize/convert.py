@@ -35,11 +35,11 @@ def representative_data(pixels, idx: np.ndarray, n: int, seed: int):
     return gen, len(pick)
 
 
-def head_layer(model: keras.Model, name: str):
+def head_layer(model: keras.Model, name: str, unwrap: bool = True):
     """The layer `name` of a plain, pruned or QAT model (tfmot prefixes and wraps layers)."""
     for layer in model.layers:
         if layer.name in (name, f"quant_{name}", f"prune_low_magnitude_{name}"):
-            return getattr(layer, "layer", layer)
+            return getattr(layer, "layer", layer) if unwrap else layer
     return None
 
 
@@ -60,11 +60,11 @@ def head_weights(model: keras.Model) -> dict:
     import base64
     kernels, biases = [], []
     for name in ("melanoma", "diagnosis"):
-        layer = head_layer(model, name)
-        if layer is not None:
-            k, b = layer.get_weights()[:2]
-            kernels.append(k)
-            biases.append(b)
+        layer = head_layer(model, name, unwrap=False)
+        if layer is not None:  # by variable name: tfmot's QAT wrapper owns the kernel, not the inner layer
+            named = {w.name.rsplit("/", 1)[-1].split(":")[0]: w.numpy() for w in layer.weights}
+            kernels.append(named["kernel"])
+            biases.append(named["bias"])
     kernel = np.concatenate(kernels, axis=1).astype("<f2")
     return {"kernel_b64": base64.b64encode(kernel.tobytes()).decode(), "dtype": "float16",
             "shape": [int(v) for v in kernel.shape], "bias": [float(v) for v in np.concatenate(biases)],
@@ -146,13 +146,23 @@ def export(model_bytes: bytes, out_path: Path, *, backbone: str, variant: str, q
     keep = rows.index[rows["split"].isin(["val", "test"])].to_numpy()
     t0 = time.time()
     try:
-        raw = predict_tflite(out_path, pixels, keep, threads, raw=True)
-        probs = melanoma_score(raw, head.get("melanoma_rule", "binary"))
+        return _finish_export(out_path, backbone=backbone, variant=variant, quantization=quantization, cfg=cfg,
+                              run_metrics=run_metrics, rows=rows, pixels=pixels, keras_probs=keras_probs,
+                              extra=extra, threads=threads, head=head, inp=inp, outp=outp, spec=spec, keep=keep,
+                              t0=t0)
     except BaseException:
-        # never leave a model behind with a provisional (unvalidated) threshold
+        # never leave a model behind with a provisional (unvalidated) threshold or half its fields
         out_path.unlink(missing_ok=True)
         sidecar_path(out_path).unlink(missing_ok=True)
         raise
+
+
+def _finish_export(out_path, *, backbone, variant, quantization, cfg, run_metrics, rows, pixels, keras_probs,
+                   extra, threads, head, inp, outp, spec, keep, t0) -> dict:
+    """export(), once the provisional sidecar lets the runner load the file: evaluate, calibrate,
+    fit the refusals, write the final sidecar."""
+    raw = predict_tflite(out_path, pixels, keep, threads, raw=True)
+    probs = melanoma_score(raw, head.get("melanoma_rule", "binary"))
     preds = rows.loc[keep, ["image", "source", "split", "target"]].assign(probability=probs)
     threshold = choose_threshold(preds, cfg["target_sensitivity"])
     calibrated, calibration = calibrate(preds, threshold["threshold"])
@@ -258,7 +268,7 @@ def fit_refusals(model_path: Path, rows: pd.DataFrame, pixels, seed: int, thread
     fitted on training-split embeddings, its threshold chosen on validation (at most 2 %
     refused), and the image-quality limits with their measured refusal rates. Test is only
     measured."""
-    from edge import Classifier
+    from edge import Classifier, ImageError
     from edge.gate import Gate, QualityLimits, quality_problem
     from edge.preprocess import resized_array
     clf = Classifier(model_path, num_threads=threads, refuse=False)
@@ -279,8 +289,13 @@ def fit_refusals(model_path: Path, rows: pd.DataFrame, pixels, seed: int, thread
     test_sources = rows.loc[idx["test"], "source"].to_numpy()
     limits = QualityLimits()
     quality = {}
+    def checked(path):
+        try:
+            return quality_problem(resized_array(path, clf.spec), limits)
+        except ImageError as e:  # gone or changed since the pixel cache: counted, not fatal
+            return ("unreadable", e.reason, {})
     for split in ("val", "test"):
-        problems = [quality_problem(resized_array(p, clf.spec), limits) for p in rows.loc[idx[split], "path"]]
+        problems = [checked(p) for p in rows.loc[idx[split], "path"]]
         codes = [q[0] for q in problems if q is not None]
         quality[split] = {"n": len(problems), "refused": len(codes),
                           "by_reason": {c: codes.count(c) for c in sorted(set(codes))}}

@@ -38,9 +38,23 @@ def positive(kind):
     return parse
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (a container's or taskset's limit, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def multi_process_ok() -> bool:
+    """Several processes on one port need SO_REUSEPORT with kernel balancing: Linux."""
+    import socket
+    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
 def workers_count(text: str) -> int:
     if text == "auto":
-        return max(1, min(8, os.cpu_count() or 1))
+        return max(1, min(8, usable_cores())) if multi_process_ok() else 1
     return positive(int)(text)
 
 
@@ -57,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "TFLite interpreter threads per process (default: the cores divided among the workers, at least 1)"))
     ap.add_argument("--workers", default="auto", type=workers_count, help=(
         "server processes, each with its own interpreter, sharing the port (Linux SO_REUSEPORT: the kernel "
-        "spreads connections); 'auto' = one per CPU core, at most 8 (default auto)"))
+        "spreads connections); 'auto' = one per usable CPU core, at most 8, on Linux, else 1 (default auto). "
+        "Each process has its own decode budget, upload buffers and connection limit"))
     ap.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set on the worker processes
     ap.add_argument("--max-upload-mb", type=positive(float), default=10, help="upload size limit (default 10 MB)")
     ap.add_argument("--client-grace", type=positive(float), default=10.0, help=(
@@ -97,7 +112,7 @@ def supervise(args, argv: list[str]) -> int:
         return EXIT_USAGE
     child = [a for i, a in enumerate(argv) if a != "--workers" and (i == 0 or argv[i - 1] != "--workers")
              and not a.startswith("--workers=")]
-    threads = args.model_threads or max(1, (os.cpu_count() or 1) // args.workers)
+    threads = args.model_threads or max(1, usable_cores() // args.workers)
     cmd = [sys.executable, "-m", "server", *child, "--workers", "1", "--reuse-port", "--model-threads", str(threads)]
     procs = [subprocess.Popen(cmd) for _ in range(args.workers)]
     stop = {"signal": False}
@@ -131,8 +146,12 @@ def supervise(args, argv: list[str]) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.workers > 1 and not multi_process_ok():
+        print("error: --workers above 1 needs Linux (SO_REUSEPORT); run several instances behind a reverse "
+              "proxy instead", file=sys.stderr)
+        return EXIT_USAGE
     if args.model_threads is None:
-        args.model_threads = max(1, (os.cpu_count() or 1) // args.workers)
+        args.model_threads = max(1, usable_cores() // args.workers)
     try:
         from .app import create_app
         from .serving import ServeOptions, make_server
