@@ -49,9 +49,19 @@ def with_extra_outputs(model: keras.Model) -> keras.Model:
     linear layer, the runner computes an exact class activation map from the first and an
     out-of-distribution distance from the second, in the same single invoke."""
     dropout = next(layer for layer in model.layers if layer.name.endswith("head_dropout"))
-    embedding = dropout.input
-    feature_map = embedding._keras_history.layer.input
-    return keras.Model(model.input, [model.output, feature_map, embedding], name=model.name)
+    # A layer shared with another graph (pruning's strip, QAT's clone, a wrapper model) has one
+    # inbound node per graph, and `.input` is the first one's: take the newest node that
+    # connects to this model's input.
+    problems = []
+    for node in reversed(range(len(dropout.inbound_nodes))):
+        embedding = dropout.get_input_at(node)
+        pool = embedding._keras_history.layer
+        feature_map = pool.get_input_at(embedding._keras_history.node_index)
+        try:
+            return keras.Model(model.input, [model.output, feature_map, embedding], name=model.name)
+        except ValueError as err:  # "Graph disconnected": that node belongs to another graph
+            problems.append(str(err).split(".")[0])
+    raise ValueError(f"{model.name}: no head_dropout input reaches the model input ({'; '.join(problems)})")
 
 
 def head_weights(model: keras.Model) -> dict:

@@ -52,11 +52,11 @@ def train(strategy, steps, init=None, sync=False):
     step = make_train_step(model, opt, strategy, global_batch=8, class_weight=(1.0, 2.0), weight_decay=1e-2)
     dataset, _ = distributed_dataset(strategy, PIXELS, Y, IDX, 8, seed=0, epoch=0)
     losses, seen = [], []
-    for i, (x, t) in enumerate(dataset):
+    for i, (x, t, d) in enumerate(dataset):
         if i == steps:
             break
         seen.append(sorted(int(v) for r in strategy.experimental_local_results(x) for v in r.numpy()[:, 0, 0, 0]))
-        losses.append(float(step(x, t)))
+        losses.append(float(step(x, t, d)))
     return losses, [w.numpy() for w in model.weights], seen
 '''
 
