@@ -87,6 +87,21 @@ def time_calls(call, runs: int, warmup: int) -> dict:
     return {"first_inference_ms": first_ms, "warmup_runs": warmup, **latency_stats(ms)}
 
 
+def time_pair(a, b, runs: int, warmup: int) -> tuple[dict, dict]:
+    """Two calls timed alternately (a, b, a, b, ...), so that a drift of the machine's speed
+    during the run (other tenants, frequency) weighs on both alike: for overheads of a few %."""
+    for _ in range(warmup):
+        a()
+        b()
+    ms_a, ms_b = [], []
+    for _ in range(runs):
+        for call, ms in ((a, ms_a), (b, ms_b)):
+            t0 = time.perf_counter()
+            call()
+            ms.append((time.perf_counter() - t0) * 1000)
+    return latency_stats(ms_a), latency_stats(ms_b)
+
+
 def timed_init(make):
     """(object, milliseconds) for building a model, interpreter or session."""
     t0 = time.perf_counter()
@@ -139,9 +154,11 @@ def bench_onnx(path: str, threads: int, runs: int, warmup: int) -> dict:
 
 
 def bench_extras(path: Path, threads: int, runs: int, warmup: int) -> dict:
-    """What the heatmap and the refusals add to one image, in one process: the invoke reading the
-    scores only, against `classify`'s invoke + feature map + embedding + activation maps + gate
-    + quality checks; and Shades of Grey on the model-size array."""
+    """What the heatmap and the refusal gate add to one image, in one process. `scores only` is
+    what answering needs without them: quantize the preprocessed array, invoke, read the scores.
+    `with heatmap + gate` is `classify`'s path: the same, plus reading the feature map and the
+    embedding, the activation maps and the gate distance. The quality checks (run on the decoded
+    image before the invoke) and Shades of Grey are timed on their own, on the model-size array."""
     from edge import Classifier
     from edge.gate import quality_problem
     from edge.preprocess import resized_array, shades_of_grey
@@ -149,24 +166,23 @@ def bench_extras(path: Path, threads: int, runs: int, warmup: int) -> dict:
     raw = resized_array(REPO / "tests" / "fixtures" / "lesion.jpg", clf.spec)
     x = shades_of_grey(raw)
     it, inp, out = clf._interpreter, clf.input_details, clf._output
-    batch = clf._prepare(x[None])
 
     def scores_only():
-        it.set_tensor(inp["index"], batch)
+        it.set_tensor(inp["index"], clf._prepare(x[None]))
         it.invoke()
-        return it.get_tensor(out["index"]).copy()
+        return clf._postprocess(it.get_tensor(out["index"]))
 
     def with_extras():
-        quality_problem(raw, clf.quality) if clf.quality else None
         outs, _ = clf.predict_outputs(x)
         if clf.gate is not None:
             clf.gate.score(outs["embedding"])
         clf._heatmap(outs, 1 if clf.classes else None)
-    a = time_calls(scores_only, runs, warmup)
-    b = time_calls(with_extras, runs, warmup)
+    a, b = time_pair(scores_only, with_extras, runs, warmup)
     c = time_calls(lambda: shades_of_grey(raw), runs, warmup)
+    q = time_calls(lambda: quality_problem(raw, clf.quality), runs, warmup) if clf.quality else None
     return {"num_threads": threads, "scores_only_ms_p50": a["latency_ms_p50"], "with_extras_ms_p50": b["latency_ms_p50"],
             "overhead_fraction": b["latency_ms_p50"] / a["latency_ms_p50"] - 1,
+            "quality_checks_ms_p50": q["latency_ms_p50"] if q else None,
             "shades_of_grey_ms_p50": c["latency_ms_p50"], "has_gate": clf.gate is not None,
             "has_heatmap": clf.head_kernel is not None}
 

@@ -125,7 +125,8 @@ def activation_map(feature_map: np.ndarray, kernel: np.ndarray, column: int) -> 
     """Class activation map (Zhou et al. 2016) of one output column: the linear head applied at
     every position of the last feature map (H, W, C). Its mean over positions is the column's
     logit minus the bias, exactly, because the head is global average pooling + a linear layer."""
-    return np.asarray(feature_map, dtype=np.float64) @ np.asarray(kernel, dtype=np.float64)[:, column]
+    column_weights = np.asarray(kernel)[:, column].astype(np.float32)  # float32: it runs per image
+    return np.asarray(feature_map, dtype=np.float32) @ column_weights
 
 
 def head_kernel(head: dict) -> np.ndarray:

@@ -135,7 +135,11 @@ def dihedral_views(x: np.ndarray) -> list[np.ndarray]:
 def quantize(x: np.ndarray, dtype: np.dtype, scale: float, zero_point: int) -> np.ndarray:
     """Float array -> the integer input tensor (`q = round(x / scale) + zero_point`)."""
     info = np.iinfo(dtype)
-    return np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(dtype)
+    # float32 throughout: the preprocessed values are whole 0..255, exact in float32, and this
+    # runs per image (float64 made it a fifth of the int8 invoke's time)
+    q = np.rint(np.asarray(x, dtype=np.float32) / np.float32(scale))
+    q += np.float32(zero_point)
+    return np.clip(q, info.min, info.max, out=q).astype(dtype)
 
 
 def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
@@ -226,8 +230,8 @@ class Classifier:
             t0 = time.perf_counter()
             self._interpreter.set_tensor(self._input["index"], batch)
             self._interpreter.invoke()
-            y = self._interpreter.get_tensor(self._output["index"]).copy()
-            extra = {name: self._interpreter.get_tensor(d["index"]).copy()
+            y = self._interpreter.get_tensor(self._output["index"])  # get_tensor returns a copy
+            extra = {name: self._interpreter.get_tensor(d["index"])
                      for name, d in self._extra.items() if d is not None}
             ms = (time.perf_counter() - t0) * 1000
         out = {"scores": self._postprocess(y)}

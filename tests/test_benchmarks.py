@@ -126,3 +126,19 @@ def test_latency_runs_on_an_edge_only_install(tiny_models, tmp_path):
     skipped = {b["name"]: b["skipped"] for b in report["baselines"] if "skipped" in b}
     assert any("Keras" in n and "tensorflow is not installed" in why for n, why in skipped.items())
     assert "skipped" in (tmp_path / "r" / "latency.md").read_text() and "skipped tradeoff.png" in r.stdout
+
+
+def test_paired_timing_alternates_its_two_calls():
+    from benchmarks.measure import time_pair
+    order = []
+    a, b = time_pair(lambda: order.append("a"), lambda: order.append("b"), runs=4, warmup=1)
+    assert order == ["a", "b"] * 5 and a["count"] == b["count"] == 4
+
+
+def test_heatmap_and_gate_overhead_on_the_shipped_model():
+    from benchmarks.measure import bench_extras
+    from edge.runner import DEFAULT_MODEL
+    r = bench_extras(DEFAULT_MODEL, threads=1, runs=20, warmup=2)
+    assert r["has_gate"] and r["has_heatmap"]
+    assert r["with_extras_ms_p50"] > 0 and r["scores_only_ms_p50"] > 0 and r["quality_checks_ms_p50"] > 0
+    assert abs(r["overhead_fraction"] - (r["with_extras_ms_p50"] / r["scores_only_ms_p50"] - 1)) < 1e-12
