@@ -127,8 +127,12 @@ def main(argv=None) -> int:
         try:
             r = hammer(port, data, args.concurrency, args.requests)
         finally:
-            proc.send_signal(2)
-            proc.wait(timeout=20)
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise RuntimeError(f"the server with {w} worker(s) did not stop within 20 s of SIGTERM") from None
         r.update(workers=w, concurrency=args.concurrency, efficiency=r["requests_per_s"] / ideal,
                  p99_over_p50=r["p99_ms"] / r["p50_ms"])
         runs.append(r)

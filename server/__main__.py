@@ -134,7 +134,7 @@ def supervise(args, argv: list[str]) -> int:
         pass
     for p in procs:
         if p.poll() is None:
-            p.send_signal(signal.SIGINT)
+            p.terminate()  # SIGTERM: a worker started from a background job ignores SIGINT
     for p in procs:
         try:
             p.wait(timeout=10)
@@ -185,11 +185,18 @@ def main(argv=None) -> int:
     print(f"serving {Path(args.model).name} on http://{args.host}:{args.port}/ "
           f"(waitress, {args.threads} threads{', worker process ' + str(os.getpid()) if args.reuse_port else ''})",
           flush=True)
+    # SIGTERM (the supervisor, systemd, docker stop, the load test) stops it like Ctrl-C does; a
+    # process started in the background by a shell has SIGINT ignored, so SIGTERM is the one to use
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.run()
     except KeyboardInterrupt:
         pass
     return EXIT_OK
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

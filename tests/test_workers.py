@@ -63,3 +63,31 @@ def test_workers_port_in_use_is_one_line(tiny_models):
         r = subprocess.run([sys.executable, "-m", "server", "--model", str(tiny_models["uint8"]), "--port", str(port),
                             "--workers", "2"], cwd=REPO, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "already in use" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_stops_a_server_started_with_sigint_ignored(tiny_models, workers):
+    """What a shell's background job, systemd or `docker stop` does: SIGINT ignored from the
+    start, SIGTERM to stop. The server (and every worker) exits 0, promptly."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(tiny_models["uint8"]), "--port", str(port),
+                             "--workers", str(workers)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        for _ in range(150):
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+                c.request("GET", "/healthz")
+                if c.getresponse().status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        time.sleep(0.5)
+        workers_pids = children(proc.pid)
+        proc.terminate()
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert all(not Path(f"/proc/{w}").exists() for w in workers_pids)
