@@ -80,3 +80,30 @@ def test_mobilenet_v2_is_flat_so_qat_reaches_its_blocks():
     names = range_variables(q)
     assert any(n.startswith("quant_block_16_project/") for n in names)
     assert any(n.startswith("quant_Conv1/") for n in names)
+
+
+def _tflite_ops(model) -> set[str]:
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+    it = Interpreter(model_content=tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    return {op["op_name"] for op in it._get_ops_details()}
+
+
+def test_mobilenet_v3_hard_swish_is_the_same_function_in_ops_xnnpack_runs():
+    """#16: keras' hard-swish becomes one HARD_SWISH op, which XNNPACK does not run in int8 (19
+    delegate partitions, reports/mobilenet_v3.md); the registry's form is the same function in
+    MUL/ADD ops."""
+    import tf_keras as keras
+    from train.backbones import build_backbone, mobilenet_v3_hard_swish
+    shipped, _ = build_backbone("mobilenet_v3_small", (64, 64, 3), weights=None)
+    with mobilenet_v3_hard_swish("hard_swish"):
+        original = keras.applications.MobileNetV3Small(input_shape=(64, 64, 3), include_top=False, weights=None,
+                                                       pooling="avg", include_preprocessing=True)
+    original.set_weights(shipped.get_weights())
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    assert np.abs(shipped(x, training=False).numpy() - original(x, training=False).numpy()).max() < 1e-4
+    assert "HARD_SWISH" in _tflite_ops(original)
+    assert "HARD_SWISH" not in _tflite_ops(shipped)
+    with pytest.raises(ValueError, match="unknown hard-swish form"):
+        with mobilenet_v3_hard_swish("swish"):
+            pass

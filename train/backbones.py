@@ -13,6 +13,7 @@ import os
 import pickle
 import struct
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -176,11 +177,43 @@ def efficientnet_lite0(input_shape, weights="imagenet"):
 
 
 # --------------------------------------------------------------------------- keras.applications
+def _delegable_hard_swish(x):
+    """hard-swish, x * relu6(x + 3) / 6, written as (x / 6) * relu6(x + 3): the same function
+    (and weights), but the TFLite converter no longer fuses it into a HARD_SWISH op, which the
+    XNNPACK delegate does not run in int8 (each one split the int8 graph into another partition
+    on TFLite's own kernels; reports/mobilenet_v3.md). MUL, ADD with fused ReLU6 and MUL are all
+    in XNNPACK's int8 path."""
+    L = keras.layers
+    return L.Multiply()([x * (1.0 / 6.0), L.ReLU(6.0)(x + 3.0)])
+
+
+@contextmanager
+def mobilenet_v3_hard_swish(form: str = "delegable"):
+    """Build keras.applications' MobileNetV3 with hard-swish as `form` ('hard_swish': keras' own;
+    'delegable': `_delegable_hard_swish`, the same function; 'relu': plain ReLU, another function
+    that the ImageNet weights were not trained with, measured by benchmarks.mobilenet_v3 as the
+    latency floor only)."""
+    from tf_keras.src.applications import mobilenet_v3
+    forms = {"hard_swish": mobilenet_v3.hard_swish, "delegable": _delegable_hard_swish,
+             "relu": lambda x: keras.layers.ReLU()(x)}  # relu: a different function (latency floor only)
+    if form not in forms:
+        raise ValueError(f"unknown hard-swish form {form!r}; choose from {sorted(forms)}")
+    original = mobilenet_v3.hard_swish
+    mobilenet_v3.hard_swish = forms[form]
+    try:
+        yield
+    finally:
+        mobilenet_v3.hard_swish = original
+
+
 def _applications(fn_name: str, env: str, **kwargs) -> Callable:
     def build(input_shape, weights="imagenet"):
         if weights == "imagenet" and os.environ.get(env):
             weights = os.environ[env]
         fn = getattr(keras.applications, fn_name)
+        if fn_name.startswith("MobileNetV3"):
+            with mobilenet_v3_hard_swish("delegable"):
+                return fn(input_shape=input_shape, include_top=False, weights=weights, pooling="avg", **kwargs)
         return fn(input_shape=input_shape, include_top=False, weights=weights, pooling="avg", **kwargs)
     return build
 
