@@ -1,11 +1,12 @@
-"""Load test of the real server: `python -m server --workers N` under a threaded client, with the
-model's own single-image time (decode + inference, 1 thread) measured in the same run.
+"""Load test of the real server: `python -m server --workers N` under wrk (Debian's `wrk`, used
+when installed) or a threaded Python client (`--client python`), with the model's own
+single-image time (decode + inference, 1 thread) measured in the same run.
 
-    python -m benchmarks.load [--workers 1 2] [--concurrency 16] [--requests 2000] [--image PATH]
+    python -m benchmarks.load [--workers 1 2] [--concurrency 16] [--seconds 20] [--image PATH]
 
 For each worker count: requests/s, p50/p90/p99 latency and errors at the given concurrency, and
 the efficiency ratio requests/s / (cores / single-image time), the ideal being 1. Results go to
-reports/load.{json,md} (merged by worker count). Run it on an idle machine.
+reports/load.{json,md}. Run it on an idle machine: the client shares its cores.
 """
 from __future__ import annotations
 
@@ -105,6 +106,44 @@ def hammer(port: int, data: bytes, concurrency: int, requests: int) -> dict:
             "p90_ms": float(np.percentile(lat, 90)), "p99_ms": float(np.percentile(lat, 99))}
 
 
+WRK_SCRIPT = r"""
+local f = assert(io.open(os.getenv("LOAD_BODY"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*all")
+f:close()
+wrk.headers["Content-Type"] = os.getenv("LOAD_CTYPE")
+local statuses = {}
+response = function(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
+end
+done = function(summary, latency, requests)
+  local bad = summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout
+    + summary.errors.status
+  io.write(string.format('WRK_JSON {"requests": %d, "errors": %d, "seconds": %.3f, "p50_ms": %.3f, '
+    .. '"p90_ms": %.3f, "p99_ms": %.3f}\n', summary.requests, bad, summary.duration / 1e6,
+    latency:percentile(50) / 1e3, latency:percentile(90) / 1e3, latency:percentile(99) / 1e3))
+end
+"""
+
+
+def hammer_wrk(port: int, data: bytes, concurrency: int, seconds: int, tmp: Path) -> dict:
+    """The same load from wrk (a C load generator: far less of the 2 cores than Python threads),
+    `concurrency` keep-alive connections on 2 client threads for `seconds`, after a 3 s warm-up."""
+    body, ctype = multipart(data)
+    (tmp / "body").write_bytes(body)
+    (tmp / "post.lua").write_text(WRK_SCRIPT)
+    env = {**os.environ, "LOAD_BODY": str(tmp / "body"), "LOAD_CTYPE": ctype}
+    url = f"http://127.0.0.1:{port}/api/v1/predict"
+    subprocess.run(["wrk", "-t", "2", "-c", str(concurrency), "-d", "3s", "-s", str(tmp / "post.lua"), url],
+                   env=env, capture_output=True, check=True)
+    out = subprocess.run(["wrk", "-t", "2", "-c", str(concurrency), "-d", f"{seconds}s", "--timeout", "30s",
+                          "-s", str(tmp / "post.lua"), url], env=env, capture_output=True, text=True, check=True)
+    line = next(x for x in out.stdout.splitlines() if x.startswith("WRK_JSON "))
+    r = json.loads(line[len("WRK_JSON "):])
+    r["requests_per_s"] = r["requests"] / r["seconds"]
+    return r
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,7 +154,16 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=REPORTS)
+    ap.add_argument("--client", choices=["auto", "wrk", "python"], default="auto",
+                    help="load generator: wrk (Debian package wrk; auto when installed) or a threaded Python client")
+    ap.add_argument("--seconds", type=int, default=20, help="duration of each wrk run (default 20)")
     args = ap.parse_args(argv)
+    import shutil
+    import tempfile
+    client = ("wrk" if shutil.which("wrk") else "python") if args.client == "auto" else args.client
+    if client == "wrk" and not shutil.which("wrk"):
+        print("error: wrk is not installed (apt-get install wrk), or use --client python", file=sys.stderr)
+        return 2
     data = args.image.read_bytes()
     cores = os.cpu_count() or 1
     single = single_image_ms(args.model, data)
@@ -125,7 +173,11 @@ def main(argv=None) -> int:
         port = free_port()
         proc = start_server(args.model, w, port)
         try:
-            r = hammer(port, data, args.concurrency, args.requests)
+            if client == "wrk":
+                with tempfile.TemporaryDirectory() as tmp:
+                    r = hammer_wrk(port, data, args.concurrency, args.seconds, Path(tmp))
+            else:
+                r = hammer(port, data, args.concurrency, args.requests)
         finally:
             proc.terminate()
             try:
@@ -133,7 +185,7 @@ def main(argv=None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 raise RuntimeError(f"the server with {w} worker(s) did not stop within 20 s of SIGTERM") from None
-        r.update(workers=w, concurrency=args.concurrency, efficiency=r["requests_per_s"] / ideal,
+        r.update(workers=w, concurrency=args.concurrency, client=client, efficiency=r["requests_per_s"] / ideal,
                  p99_over_p50=r["p99_ms"] / r["p50_ms"])
         runs.append(r)
         print(f"workers {w}: {r['requests_per_s']:.0f} req/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
@@ -148,10 +200,11 @@ def main(argv=None) -> int:
              f"`python -m benchmarks.load`, {cores} cores ({report['machine']}), image {report['image']} "
              f"({len(data)} bytes). Single image, decode + inference, 1 interpreter thread: "
              f"{single['p50_ms']:.2f} ms (median of {single['runs']}), so the ideal is {ideal:.0f} requests/s.", "",
-             "| workers | concurrency | requests | errors | req/s | p50 ms | p90 ms | p99 ms | p99/p50 | efficiency |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| workers | client | concurrency | requests | errors | req/s | p50 ms | p90 ms | p99 ms | p99/p50 | efficiency |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['workers']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.0f} | "
+        lines.append(f"| {r['workers']} | {r.get('client', 'python')} | {r['concurrency']} | {r['requests']} | "
+                     f"{r['errors']} | {r['requests_per_s']:.0f} | "
                      f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['p99_over_p50']:.2f} | "
                      f"{r['efficiency']:.2f} |")
     (args.out / "load.md").write_text("\n".join(lines) + "\n")
