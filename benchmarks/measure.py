@@ -157,7 +157,8 @@ def bench_extras(path: Path, threads: int, runs: int, warmup: int) -> dict:
     """What the heatmap and the refusal gate add to one image, in one process. `scores only` is
     what answering needs without them: quantize the preprocessed array, invoke, read the scores.
     `with heatmap + gate` is `classify`'s path: the same, plus reading the feature map and the
-    embedding, the activation maps and the gate distance. The quality checks (run on the decoded
+    embedding, the activation maps and the gate distance. Test-time augmentation (8 views, 8
+    invokes) against one view, alternately, for the tradeoff report. The quality checks (run on the decoded
     image before the invoke) and Shades of Grey are timed on their own, on the model-size array."""
     from edge import Classifier
     from edge.gate import quality_problem
@@ -178,11 +179,13 @@ def bench_extras(path: Path, threads: int, runs: int, warmup: int) -> dict:
             clf.gate.score(outs["embedding"])
         clf._heatmap(outs, 1 if clf.classes else None)
     a, b = time_pair(scores_only, with_extras, runs, warmup)
+    single, tta = time_pair(lambda: clf.predict_array(x), lambda: clf.predict_tta(x), max(runs // 4, 25), warmup)
     c = time_calls(lambda: shades_of_grey(raw), runs, warmup)
     q = time_calls(lambda: quality_problem(raw, clf.quality), runs, warmup) if clf.quality else None
     return {"num_threads": threads, "scores_only_ms_p50": a["latency_ms_p50"], "with_extras_ms_p50": b["latency_ms_p50"],
             "overhead_fraction": b["latency_ms_p50"] / a["latency_ms_p50"] - 1,
             "quality_checks_ms_p50": q["latency_ms_p50"] if q else None,
+            "single_view_ms_p50": single["latency_ms_p50"], "tta_ms_p50": tta["latency_ms_p50"],
             "shades_of_grey_ms_p50": c["latency_ms_p50"], "has_gate": clf.gate is not None,
             "has_heatmap": clf.head_kernel is not None}
 

@@ -5,6 +5,7 @@
     python -m quantize all     --run runs/efficientnet_lite0 --out models --force  # re-ship every variant
     python -m quantize card                                                 # MODEL_CARD.md from the sidecars
     python -m quantize calibrate models/*.tflite        # Platt calibration of exported files (on validation)
+    python -m quantize refusals models/*.tflite         # refusal gate of exported files, fitted again
 
 Each .tflite gets a JSON sidecar with its threshold (chosen on validation with this very file)
 and its test metrics computed through the edge runner. Files that exist (the shipped models
@@ -180,6 +181,28 @@ def recalibrate(model: Path, threads: int = 2) -> dict:
     return cal
 
 
+def refit_refusals(model: Path, threads: int = 2) -> dict:
+    """Fit the refusal gate and measure the quality checks again for an exported file, as the
+    export does (training embeddings; threshold on its validation split, rebuilt from its
+    sidecar), and rewrite the sidecar's `gate`, `quality` and `metrics.refusals`."""
+    from edge import read_sidecar, write_sidecar
+    from train.rundir import load_sidecar_data
+    from . import convert as C
+    meta = read_sidecar(model)
+    rows, pixels, cfg = load_sidecar_data(model)
+    refusals = C.fit_refusals(model, rows, pixels, cfg.seed, threads)
+    if "refusal_metrics" not in refusals:
+        raise ValueError(f"{model.name} has no embedding output: re-export it to give it a refusal gate")
+    meta = {k: v for k, v in meta.items() if k not in ("file", "sha256", "size_bytes", "schema_version")}
+    meta.update({k: v for k, v in refusals.items() if k != "refusal_metrics"})
+    meta["metrics"] = {**meta["metrics"], "refusals": refusals["refusal_metrics"]}
+    write_sidecar(model, meta)
+    m = refusals["refusal_metrics"]
+    log(f"{model.name}: gate threshold {refusals['gate']['threshold']:.3f}; lesions refused: validation "
+        f"{m['gate_val_refused']:.1%}, test {m['gate_test_refused']:.1%}")
+    return refusals
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m quantize", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_TEXT)
@@ -189,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                      ("convert", "export .tflite variants with sidecars"),
                                                      ("all", "prune, then export every variant"),
                                                      ("card", "render MODEL_CARD.md from the sidecars"),
-                                                     ("calibrate", "fit Platt calibration of exported files"))}
+                                                     ("calibrate", "fit Platt calibration of exported files"),
+                                                     ("refusals", "fit the refusal gate of exported files again"))}
     cmds["calibrate"].add_argument("models", type=Path, nargs="+", help=".tflite files with sidecars (rewritten)")
+    cmds["refusals"].add_argument("models", type=Path, nargs="+", help=".tflite files with sidecars (rewritten)")
     cmds["card"].add_argument("--models", type=Path, default=MODELS_DIR, help="folder of sidecars")
     cmds["card"].add_argument("--out", type=Path, default=WORKSPACE / "MODEL_CARD.md", help="the card to write")
     for name in ("prune", "convert", "all"):
@@ -247,9 +272,9 @@ def main(argv=None) -> int:
             print(f"error: the model card needs {e.name}: pip install -r requirements.txt (or '.[all]')", file=sys.stderr)
             return EXIT_USAGE
         return write_card(args.models, args.out)
-    if args.command == "calibrate":
+    if args.command in ("calibrate", "refusals"):
         for model in args.models:
-            recalibrate(model)
+            (recalibrate if args.command == "calibrate" else refit_refusals)(model)
         return EXIT_OK
     if args.command != "prune":
         args.out = args.out or args.run / "export"

@@ -142,3 +142,16 @@ def test_heatmap_and_gate_overhead_on_the_shipped_model():
     assert r["has_gate"] and r["has_heatmap"]
     assert r["with_extras_ms_p50"] > 0 and r["scores_only_ms_p50"] > 0 and r["quality_checks_ms_p50"] > 0
     assert abs(r["overhead_fraction"] - (r["with_extras_ms_p50"] / r["scores_only_ms_p50"] - 1)) < 1e-12
+
+
+def test_tta_row_in_the_tradeoff(tmp_path):
+    from benchmarks.__main__ import tta_tradeoff_row
+    row = {"file": "efficientnet_lite0_int8.tflite", "roc_auc": 0.90, "latency_ms_p50": 2.0, "latency_ms_p90": 3.0}
+    metrics = tmp_path / "metrics.json"
+    latency = {"explain_and_refuse": {"2": {"tta_ms_p50": 16.0, "single_view_ms_p50": 2.0}}}
+    assert tta_tradeoff_row([row], latency, 2, metrics) is None  # no TTA evaluation yet
+    metrics.write_text(json.dumps({"test": {"all": {"roc_auc": 0.91, "roc_auc_ci95": [0.88, 0.93],
+                                                    "sensitivity": 0.9, "specificity": 0.7}}}))
+    tta = tta_tradeoff_row([row], latency, 2, metrics)
+    assert tta["file"].endswith("--tta") and tta["roc_auc"] == 0.91 and tta["latency_ms_p50"] == 16.0
+    assert tta_tradeoff_row([row], latency, 1, metrics) is None  # no TTA timing at 1 thread

@@ -79,3 +79,10 @@ def test_default_refuses_few_real_lesions():
     s = load_sample()
     refused = [clf.classify(path).refused for path in s["path"]]
     assert np.mean(refused) <= 0.04, f"{np.mean(refused):.1%} of real test lesions refused"
+
+
+def test_gate_threshold_refuses_at_most_two_percent_of_validation_lesions():
+    from edge import read_sidecar
+    from edge.runner import DEFAULT_MODEL
+    refusals = read_sidecar(DEFAULT_MODEL)["metrics"]["refusals"]
+    assert refusals["gate_val_refused"] <= 0.02, refusals["gate_val_refused"]
