@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from . import DEFAULT_MODEL, DISCLAIMER, Classifier, ImageError, SidecarError
@@ -128,6 +129,7 @@ def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, er
     flagged = failures = malignant = refusals = 0
     used: set = set()
     multitask = bool(clf.classes)
+    started = time.perf_counter()
     if not as_json:
         column = "P(melanoma)" if clf.calibration is not None else "score"
         extra = f"  {'P(malignant)':>12s}" if multitask else ""
@@ -181,8 +183,8 @@ def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, er
     also = f" ({malignant} possibly malignant)" if multitask else ""
     can_refuse = clf.refuse and (clf.gate is not None or clf.quality is not None)
     print(f"{len(images)} image{'s' * (len(images) != 1)}: {len(images) - failures - refusals} predicted, "
-          f"{flagged} flagged{also}, " + (f"{refusals} refused, " if can_refuse else "") + f"{failures} unreadable",
-          file=err)
+          f"{flagged} flagged{also}, " + (f"{refusals} refused, " if can_refuse else "") + f"{failures} unreadable"
+          f" ({len(images) / max(time.perf_counter() - started, 1e-9):.1f} images/s)", file=err)
     return EXIT_UNREADABLE if failures else (EXIT_REFUSED if refusals else EXIT_OK)
 
 
