@@ -87,19 +87,25 @@ def time_calls(call, runs: int, warmup: int) -> dict:
     return {"first_inference_ms": first_ms, "warmup_runs": warmup, **latency_stats(ms)}
 
 
-def time_pair(a, b, runs: int, warmup: int) -> tuple[dict, dict]:
-    """Two calls timed alternately (a, b, a, b, ...), so that a drift of the machine's speed
-    during the run (other tenants, frequency) weighs on both alike: for overheads of a few %."""
+def time_alternately(calls, runs: int, warmup: int) -> list[dict]:
+    """Several calls timed in turn (a, b, ..., a, b, ...), so that a drift of the machine's speed
+    during the run (other tenants, frequency) weighs on all alike: for differences of a few %."""
     for _ in range(warmup):
-        a()
-        b()
-    ms_a, ms_b = [], []
+        for call in calls:
+            call()
+    ms = [[] for _ in calls]
     for _ in range(runs):
-        for call, ms in ((a, ms_a), (b, ms_b)):
+        for call, times in zip(calls, ms):
             t0 = time.perf_counter()
             call()
-            ms.append((time.perf_counter() - t0) * 1000)
-    return latency_stats(ms_a), latency_stats(ms_b)
+            times.append((time.perf_counter() - t0) * 1000)
+    return [latency_stats(m) for m in ms]
+
+
+def time_pair(a, b, runs: int, warmup: int) -> tuple[dict, dict]:
+    """`time_alternately` of two calls."""
+    first, second = time_alternately([a, b], runs, warmup)
+    return first, second
 
 
 def timed_init(make):

@@ -30,8 +30,8 @@ SHARED_WEIGHTS = REPO.parent / "shared" / "weights"
 def delegation(path: Path) -> dict:
     """XNNPACK partitions of a .tflite file and the ops left outside them, from the
     interpreter's own node list after the default delegate is applied: DELEGATE nodes are the
-    partitions; an original op is outside when it feeds a partition's inputs or reads its outputs
-    and is not inside any (its output is not produced by a DELEGATE node)."""
+    partitions; an original op is outside when its output is read by a partition (or is a model
+    output) but is not produced by one, i.e. TFLite's own kernel computes it."""
     from edge import make_interpreter
     it, _ = make_interpreter(path, 1)
     ops = it._get_ops_details()
@@ -39,8 +39,6 @@ def delegation(path: Path) -> dict:
     produced = {t for o in partitions for t in o["outputs"]}
     consumed = {t for o in partitions for t in o["inputs"]}
     original = [o for o in ops if o["op_name"] != "DELEGATE"]
-    # an op runs outside XNNPACK iff its output is read by a partition (or is a model output)
-    # while not produced by one, i.e. it is computed by TFLite's own kernel
     model_outputs = {d["index"] for d in it.get_output_details()}
     outside = [o for o in original if (set(o["outputs"]) & (consumed | model_outputs)) and not
                (set(o["outputs"]) & produced)]
@@ -80,25 +78,21 @@ def convert_int8(model) -> bytes:
     return conv.convert()
 
 
-def timed_pair(paths: list[Path], threads: int, runs: int, warmup: int) -> list[dict]:
-    """p50/p90/p99 of each file's invoke, calls interleaved round-robin in this process."""
-    from benchmarks.measure import latency_stats
+def timed_alternately(paths: list[Path], threads: int, runs: int, warmup: int) -> list[dict]:
+    """p50/p90/p99 of each file's invoke, the files invoked in turn in this process."""
+    from benchmarks.measure import time_alternately
     from edge import make_interpreter
-    its = []
-    for p in paths:
-        it, _ = make_interpreter(p, threads)
+
+    def invoker(path):
+        it, _ = make_interpreter(path, threads)
         d = it.get_input_details()[0]
         x = np.random.default_rng(0).integers(0, 256, d["shape"]).astype(d["dtype"])
-        its.append((it, d["index"], x))
-    ms = [[] for _ in paths]
-    for i in range(warmup + runs):
-        for k, (it, idx, x) in enumerate(its):
-            t0 = time.perf_counter()
-            it.set_tensor(idx, x)
+
+        def invoke():
+            it.set_tensor(d["index"], x)
             it.invoke()
-            if i >= warmup:
-                ms[k].append((time.perf_counter() - t0) * 1000)
-    return [latency_stats(m) for m in ms]
+        return invoke
+    return time_alternately([invoker(p) for p in paths], runs, warmup)
 
 
 def markdown(rep: dict) -> str:
@@ -142,7 +136,7 @@ def main(argv=None) -> int:
     names, paths = list(files), list(files.values())
     rep = {"generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(), "runs": args.runs,
            "warmup": args.warmup, "threads": args.threads, "lite0": LITE0.name, "candidates": []}
-    timings = {t: timed_pair(paths + [LITE0], t, args.runs, args.warmup) for t in args.threads}
+    timings = {t: timed_alternately(paths + [LITE0], t, args.runs, args.warmup) for t in args.threads}
     for i, (name, path) in enumerate(zip(names, paths)):
         entry = {"name": name, "file": path.name, **delegation(path), "by_threads": {}}
         for t in args.threads:

@@ -18,6 +18,17 @@ def children(pid: int) -> list[int]:
     return [int(c) for c in path.read_text().split()] if path.exists() else []
 
 
+def wait_until_healthy(port: int, tries: int = 150) -> None:
+    for _ in range(tries):
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            c.request("GET", "/healthz")
+            if c.getresponse().status == 200:
+                return
+        except OSError:
+            time.sleep(0.1)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balancing is Linux's")
 def test_workers_share_one_port_and_stop_together(tiny_models):
     from benchmarks.load import multipart
@@ -25,14 +36,7 @@ def test_workers_share_one_port_and_stop_together(tiny_models):
     proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(tiny_models["uint8"]), "--port", str(port),
                              "--workers", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(150):
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-                c.request("GET", "/healthz")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
+        wait_until_healthy(port)
         time.sleep(1)
         workers = children(proc.pid)
         assert len(workers) == 2
@@ -74,14 +78,7 @@ def test_sigterm_stops_a_server_started_with_sigint_ignored(tiny_models, workers
                              "--workers", str(workers)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
-        for _ in range(150):
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-                c.request("GET", "/healthz")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
+        wait_until_healthy(port)
         time.sleep(0.5)
         workers_pids = children(proc.pid)
         proc.terminate()

@@ -13,7 +13,7 @@ import os
 import pickle
 import struct
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -211,10 +211,8 @@ def _applications(fn_name: str, env: str, **kwargs) -> Callable:
         if weights == "imagenet" and os.environ.get(env):
             weights = os.environ[env]
         fn = getattr(keras.applications, fn_name)
-        if fn_name.startswith("MobileNetV3"):
-            with mobilenet_v3_hard_swish("delegable"):
-                return fn(input_shape=input_shape, include_top=False, weights=weights, pooling="avg", **kwargs)
-        return fn(input_shape=input_shape, include_top=False, weights=weights, pooling="avg", **kwargs)
+        with mobilenet_v3_hard_swish("delegable") if fn_name.startswith("MobileNetV3") else nullcontext():
+            return fn(input_shape=input_shape, include_top=False, weights=weights, pooling="avg", **kwargs)
     return build
 
 
