@@ -390,14 +390,35 @@ def shades_of_grey(x: np.ndarray, p: int = 6) -> np.ndarray:
     """Shades of Grey colour constancy of an (H, W, 3) array, values 0..255: each channel is
     scaled by (grey level / its Minkowski p-mean), with the grey level set so that a neutral
     image is unchanged. Whole values out (so the uint8 pixel cache holds exactly this array).
-    About 1 ms at 224x224 in numpy (benchmarks report it)."""
-    x = np.asarray(x, dtype=np.float32)
-    illuminant = np.power(np.mean(np.power(x.reshape(-1, 3) / 255.0, p), axis=0), 1.0 / p)  # (3,)
+
+    A decoded image has whole values 0..255, so its p-means come from a per-channel histogram
+    (about 0.4 ms at 224x224 in numpy, against 2-3 ms for the p-th power of every pixel;
+    benchmarks report it). Other input (fractional values) takes the per-pixel path; both give
+    the same result on whole values (tests/test_diagnoses.py)."""
+    x = np.asarray(x)
+    whole = _whole_uint8(x)
+    if whole is not None:
+        counts = np.stack([np.bincount(whole[..., c].ravel(), minlength=256) for c in range(3)])
+        mean_p = counts @ ((np.arange(256) / 255.0) ** p) / max(1, whole.size // 3)
+    else:
+        mean_p = np.mean((x.reshape(-1, 3).astype(np.float64) / 255.0) ** p, axis=0)
+    illuminant = mean_p ** (1.0 / p)  # (3,)
     norm = float(np.sqrt(np.sum(illuminant ** 2)))
     if norm < 1e-6:  # a black frame: nothing to correct
-        return np.round(x)
-    gain = 1.0 / (illuminant / norm * np.sqrt(3.0) + 1e-6)
-    return np.clip(np.round(x * gain[None, None, :]), 0.0, 255.0)
+        return np.round(np.asarray(x, dtype=np.float32))
+    gain = (1.0 / (illuminant / norm * np.sqrt(3.0) + 1e-6)).astype(np.float32)
+    return np.clip(np.round(x.astype(np.float32) * gain), 0.0, 255.0)
+
+
+def _whole_uint8(x: np.ndarray) -> np.ndarray | None:
+    """x as uint8 if every value is a whole number 0..255 (a decoded image), else None."""
+    if x.dtype == np.uint8:
+        return x
+    if x.ndim != 3 or x.shape[-1] != 3 or not np.issubdtype(x.dtype, np.number):
+        return None
+    with np.errstate(invalid="ignore"):  # NaN or out of range: not equal below
+        u = x.astype(np.uint8)
+    return u if np.array_equal(u, x) else None
 
 
 def preprocess_uint8(source: ImageSource, spec: PreprocessSpec = PreprocessSpec(), **kw) -> np.ndarray:

@@ -61,6 +61,26 @@ def test_shades_of_grey_leaves_a_neutral_image_and_removes_a_cast():
     assert np.all(shades_of_grey(np.zeros((4, 4, 3))) == 0)  # a black frame stays black, no NaN
 
 
+def test_shades_of_grey_histogram_path_equals_the_per_pixel_path():
+    # decoded images (whole values 0..255) take the histogram path, anything else the per-pixel
+    # p-th powers; on the same whole values both must give the same pixels
+    rng = np.random.default_rng(1)
+    img = np.clip(rng.normal([170, 110, 90], 40, (64, 48, 3)), 0, 255).round().astype(np.float32)
+    fractional = img.astype(np.float64)
+    fractional[0, 0, 0] += 0.5  # one fractional value sends the whole array down the per-pixel path
+    fast, slow = shades_of_grey(img), shades_of_grey(fractional)
+    assert fast.dtype == np.float32
+    assert np.array_equal(fast.reshape(-1, 3)[1:], slow.reshape(-1, 3)[1:])
+    assert np.array_equal(shades_of_grey(img.astype(np.uint8)), fast)
+    p = 6  # the reference formula, written out once more
+    ill = np.mean((img.reshape(-1, 3) / 255.0) ** p, axis=0) ** (1 / p)
+    gain = 1 / (ill / np.linalg.norm(ill) * np.sqrt(3) + 1e-6)
+    assert np.abs(fast - np.clip(np.round(img * gain), 0, 255)).max() <= 1
+    nan = img.copy()
+    nan[0, 0, 0] = np.nan  # not an image: no warning, no crash, the per-pixel path
+    assert np.isnan(shades_of_grey(nan)[0, 0, 0])
+
+
 def test_preprocessing_applies_colour_constancy_from_the_spec(tmp_path):
     img = lesion_image(3, size=(80, 60))
     red = Image.fromarray(np.clip(np.asarray(img) * np.array([1.2, 0.9, 0.8]), 0, 255).astype(np.uint8))
