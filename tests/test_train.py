@@ -149,7 +149,7 @@ def test_cli_help_lists_choices_and_sources(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for shown in ("efficientnet_lite0,mobilenet_v3_small", "isic_csv,isic_archive,class_folders", "skip,fail",
+    for shown in ("efficientnet_lite0,efficientnet_lite1,mobilenet_v3_small", "isic_csv,isic_archive,class_folders", "skip,fail",
                   "squash,center_crop", "balanced,none", "ISIC 2020", "--limit", "--weights", "--force"):
         assert shown in text, shown
 
