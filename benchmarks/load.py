@@ -5,8 +5,11 @@ single-image time (decode + inference, 1 thread) measured in the same run.
     python -m benchmarks.load [--workers 1 2] [--concurrency 16] [--seconds 20] [--image PATH]
 
 For each worker count: requests/s, p50/p90/p99 latency and errors at the given concurrency, and
-the efficiency ratio requests/s / (cores / single-image time), the ideal being 1. Results go to
-reports/load.{json,md}. Run it on an idle machine: the client shares its cores.
+the efficiency ratio requests/s / (cores / single-image time), the ideal being 1. For scale, the
+same run also measures the ceiling without any server: one process per core, each classifying
+the image in a loop at the same time (images/s in all, and that over the ideal): what the cores
+give when they are all busy. Results go to reports/load.{json,md}. Run it on an idle machine:
+the client shares its cores.
 """
 from __future__ import annotations
 
@@ -54,6 +57,33 @@ def single_image_ms(model: Path, data: bytes, runs: int = 200) -> dict:
         clf.classify(data)
         times.append((time.perf_counter() - t0) * 1000)
     return {"p50_ms": statistics.median(times), "runs": runs}
+
+
+def _classify_until(model: str, data: bytes, start: float, stop: float) -> int:
+    """One process of `all_cores_images_per_s`: warm up, wait for the common start, count images."""
+    from edge import Classifier
+    clf = Classifier(Path(model), num_threads=1)
+    for _ in range(20):
+        clf.classify(data)
+    while time.time() < start:
+        time.sleep(0.001)
+    n = 0
+    while time.time() < stop:
+        clf.classify(data)
+        n += 1
+    return n
+
+
+def all_cores_images_per_s(model: Path, data: bytes, processes: int, seconds: float = 10.0,
+                           settle: float = 5.0) -> dict:
+    """Images/s of `processes` processes classifying at once (1 interpreter thread each), no HTTP.
+    They start together `settle` seconds from now (every process has loaded and warmed up)."""
+    import multiprocessing as mp
+    start = time.time() + settle
+    with mp.get_context("spawn").Pool(processes) as pool:
+        counts = pool.starmap(_classify_until, [(str(model), data, start, start + seconds)] * processes)
+    return {"processes": processes, "seconds": seconds, "images": sum(counts),
+            "images_per_s": sum(counts) / seconds}
 
 
 def start_server(model: Path, workers: int, port: int) -> subprocess.Popen:
@@ -168,6 +198,10 @@ def main(argv=None) -> int:
     cores = os.cpu_count() or 1
     single = single_image_ms(args.model, data)
     ideal = cores / (single["p50_ms"] / 1000)
+    ceiling = all_cores_images_per_s(args.model, data, cores)
+    ceiling["over_ideal"] = ceiling["images_per_s"] / ideal
+    print(f"no server, {cores} processes at once: {ceiling['images_per_s']:.0f} images/s "
+          f"({ceiling['over_ideal']:.2f} of the ideal {ideal:.0f})", flush=True)
     runs = []
     for w in args.workers:
         port = free_port()
@@ -193,13 +227,16 @@ def main(argv=None) -> int:
     report = {"model": args.model.name, "image": args.image.name, "image_bytes": len(data), "cores": cores,
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
               "single_image_decode_inference_ms_1_thread": single["p50_ms"], "ideal_requests_per_s": ideal,
-              "runs": runs, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "all_cores_no_server": ceiling, "runs": runs, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Server load test: {report['model']}", "",
              f"`python -m benchmarks.load`, {cores} cores ({report['machine']}), image {report['image']} "
              f"({len(data)} bytes). Single image, decode + inference, 1 interpreter thread: "
-             f"{single['p50_ms']:.2f} ms (median of {single['runs']}), so the ideal is {ideal:.0f} requests/s.", "",
+             f"{single['p50_ms']:.2f} ms (median of {single['runs']}), so the ideal is {ideal:.0f} requests/s. "
+             f"Without any server, {cores} processes classifying the same image at once (1 thread each, "
+             f"{ceiling['seconds']:.0f} s) reach {ceiling['images_per_s']:.0f} images/s, "
+             f"{ceiling['over_ideal']:.2f} of that ideal: the share the cores give when all are busy.", "",
              "| workers | client | concurrency | requests | errors | req/s | p50 ms | p90 ms | p99 ms | p99/p50 | efficiency |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:

@@ -155,3 +155,13 @@ def test_tta_row_in_the_tradeoff(tmp_path):
     tta = tta_tradeoff_row([row], latency, 2, metrics)
     assert tta["file"].endswith("--tta") and tta["roc_auc"] == 0.91 and tta["latency_ms_p50"] == 16.0
     assert tta_tradeoff_row([row], latency, 1, metrics) is None  # no TTA timing at 1 thread
+
+
+def test_load_ceiling_runs_every_process_at_once():
+    from benchmarks.load import all_cores_images_per_s
+    from edge.runner import DEFAULT_MODEL
+    from .conftest import REPO
+    data = (REPO / "tests" / "fixtures" / "lesion.jpg").read_bytes()
+    r = all_cores_images_per_s(DEFAULT_MODEL, data, 2, seconds=0.5, settle=3.0)
+    assert r["processes"] == 2 and r["images"] >= 2  # each process classified in the common window
+    assert r["images_per_s"] == r["images"] / 0.5
