@@ -59,30 +59,38 @@ def single_image_ms(model: Path, data: bytes, runs: int = 200) -> dict:
     return {"p50_ms": statistics.median(times), "runs": runs}
 
 
-def _classify_until(model: str, data: bytes, start: float, stop: float) -> int:
-    """One process of `all_cores_images_per_s`: warm up, wait for the common start, count images."""
+def _classify_until(model: str, data: bytes, start: float, stop: float) -> tuple[int, float]:
+    """One process of `all_cores_images_per_s`: warm up, wait for the common start, count the
+    images finished before `stop`. Returns (images, when it was ready)."""
     from edge import Classifier
     clf = Classifier(Path(model), num_threads=1)
     for _ in range(20):
         clf.classify(data)
+    ready = time.time()
     while time.time() < start:
         time.sleep(0.001)
     n = 0
-    while time.time() < stop:
+    while True:
         clf.classify(data)
+        if time.time() > stop:
+            return n, ready
         n += 1
-    return n
 
 
 def all_cores_images_per_s(model: Path, data: bytes, processes: int, seconds: float = 10.0,
                            settle: float = 5.0) -> dict:
     """Images/s of `processes` processes classifying at once (1 interpreter thread each), no HTTP.
-    They start together `settle` seconds from now (every process has loaded and warmed up)."""
+    They start together `settle` seconds from now; a process not ready by then is an error
+    (its window would be shorter and the figure too low)."""
     import multiprocessing as mp
     start = time.time() + settle
     with mp.get_context("spawn").Pool(processes) as pool:
-        counts = pool.starmap(_classify_until, [(str(model), data, start, start + seconds)] * processes)
-    return {"processes": processes, "seconds": seconds, "images": sum(counts),
+        done = pool.starmap(_classify_until, [(str(model), data, start, start + seconds)] * processes)
+    late = [round(ready - start, 2) for _, ready in done if ready > start]
+    if late:
+        raise RuntimeError(f"{len(late)} process(es) were ready {late} s after the common start: raise settle")
+    counts = [n for n, _ in done]
+    return {"processes": processes, "seconds": seconds, "images_per_process": counts, "images": sum(counts),
             "images_per_s": sum(counts) / seconds}
 
 

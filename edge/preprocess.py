@@ -60,6 +60,9 @@ RESIZE_POLICIES = ("squash", "center_crop")
 # ISIC 2018/2019 top entries) divides each channel by its Minkowski p-mean, so a lesion seen
 # under another dermoscope's light gets the same colours. Output is rounded to whole values.
 COLOR_CONSTANCY = ("none", "shades_of_grey")
+# Bumped whenever the same spec gives different pixels (train.data's pixel cache keys on it):
+# 2 = Shades of Grey p-means in float64 from a histogram (1 in 10^4 values moved by one level).
+PIXELS_VERSION = 2
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 # Modes Image.reduce averages correctly; others are converted first ("P" would average indices).
 _REDUCIBLE = {"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F"}
@@ -396,11 +399,15 @@ def shades_of_grey(x: np.ndarray, p: int = 6) -> np.ndarray:
     benchmarks report it). Other input (fractional values) takes the per-pixel path; both give
     the same result on whole values (tests/test_diagnoses.py)."""
     x = np.asarray(x)
+    if x.ndim != 3 or x.shape[-1] != 3:
+        raise ValueError(f"Shades of Grey needs an (H, W, 3) array, not shape {x.shape}")
     whole = _whole_uint8(x)
     if whole is not None:
         counts = np.stack([np.bincount(whole[..., c].ravel(), minlength=256) for c in range(3)])
         mean_p = counts @ ((np.arange(256) / 255.0) ** p) / max(1, whole.size // 3)
     else:
+        if not np.isfinite(x).all():
+            raise ValueError("Shades of Grey needs finite values (0..255)")
         mean_p = np.mean((x.reshape(-1, 3).astype(np.float64) / 255.0) ** p, axis=0)
     illuminant = mean_p ** (1.0 / p)  # (3,)
     norm = float(np.sqrt(np.sum(illuminant ** 2)))
@@ -414,7 +421,7 @@ def _whole_uint8(x: np.ndarray) -> np.ndarray | None:
     """x as uint8 if every value is a whole number 0..255 (a decoded image), else None."""
     if x.dtype == np.uint8:
         return x
-    if x.ndim != 3 or x.shape[-1] != 3 or not np.issubdtype(x.dtype, np.number):
+    if not np.issubdtype(x.dtype, np.number):
         return None
     with np.errstate(invalid="ignore"):  # NaN or out of range: not equal below
         u = x.astype(np.uint8)

@@ -94,7 +94,7 @@ def prune(run: Run, sparsity: float, epochs: int, lr: float):
 
 
 def qat(run: Run, images: int, lr: float, epochs: int, calibration: int):
-    """QAT fine-tune of the run's model (efficientnet_lite0, mobilenet_v2) for the int8 export."""
+    """QAT fine-tune of the run's model (efficientnet_lite0/lite1, mobilenet_v2) for the int8 export."""
     from .qat import quantize_aware
     cfg = run.cfg
     t0 = time.time()
@@ -238,7 +238,7 @@ def add_convert_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", type=Path, help="JSON summary of the exported files; None: <run>/export_report.json")
     p.add_argument("--int8-method", choices=["auto", "qat", "ptq"], default="auto",
                    help="auto (default): quantization-aware training where tfmot supports the backbone "
-                        "(efficientnet_lite0, mobilenet_v2), post-training int8 otherwise (MobileNetV3). "
+                        "(efficientnet_lite0/lite1, mobilenet_v2), post-training int8 otherwise (MobileNetV3). "
                         "qat: require QAT. ptq: post-training int8 only")
     p.add_argument("--qat-images", type=int, default=2048, help="training images for the QAT fine-tune")
     p.add_argument("--qat-lr", type=float, default=2e-6, help="QAT fine-tune learning rate (Adam)")

@@ -142,3 +142,14 @@ def test_data_cli_reports_and_exits(isic_csv_dir, tmp_path, capsys):
     assert "skipping 1 bad rows" in out and "ISIC_0000003" in out
     assert "ISIC_0000003" in (tmp_path / "p.csv").read_text()
     assert D.main([str(tmp_path / "absent")]) == 2
+
+
+def test_pixel_cache_key_follows_the_preprocessing_version(monkeypatch, tmp_path):
+    # a change of how pixels are computed must not reuse caches built by the old code
+    import train.data as D
+    from edge.preprocess import PreprocessSpec
+    f = tmp_path / "a.jpg"
+    f.write_bytes(b"x")
+    before = D.cache_key([str(f)], PreprocessSpec())
+    monkeypatch.setattr(D, "PIXELS_VERSION", D.PIXELS_VERSION + 1)
+    assert D.cache_key([str(f)], PreprocessSpec()) != before

@@ -68,6 +68,8 @@ def test_shades_of_grey_histogram_path_equals_the_per_pixel_path():
     img = np.clip(rng.normal([170, 110, 90], 40, (64, 48, 3)), 0, 255).round().astype(np.float32)
     fractional = img.astype(np.float64)
     fractional[0, 0, 0] += 0.5  # one fractional value sends the whole array down the per-pixel path
+    from edge.preprocess import _whole_uint8
+    assert _whole_uint8(img) is not None and _whole_uint8(fractional) is None  # the two paths
     fast, slow = shades_of_grey(img), shades_of_grey(fractional)
     assert fast.dtype == np.float32
     assert np.array_equal(fast.reshape(-1, 3)[1:], slow.reshape(-1, 3)[1:])
@@ -77,8 +79,12 @@ def test_shades_of_grey_histogram_path_equals_the_per_pixel_path():
     gain = 1 / (ill / np.linalg.norm(ill) * np.sqrt(3) + 1e-6)
     assert np.abs(fast - np.clip(np.round(img * gain), 0, 255)).max() <= 1
     nan = img.copy()
-    nan[0, 0, 0] = np.nan  # not an image: no warning, no crash, the per-pixel path
-    assert np.isnan(shades_of_grey(nan)[0, 0, 0])
+    nan[0, 0, 0] = np.nan  # not an image: a clear error, no warning
+    with pytest.raises(ValueError, match="finite"):
+        shades_of_grey(nan)
+    for shape in [(6, 3), (4, 4, 4), (2, 4, 4, 3)]:
+        with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+            shades_of_grey(np.zeros(shape, np.uint8))
 
 
 def test_preprocessing_applies_colour_constancy_from_the_spec(tmp_path):

@@ -42,7 +42,7 @@ class BackboneInfo:
     qat_supported: bool  # tfmot quantize_model works on it
 
 
-# --------------------------------------------------------------------------- Lite0 weights
+# --------------------------------------------------------------------------- Lite weights
 _TORCH_DTYPES = {"FloatStorage": np.float32, "HalfStorage": np.float16, "DoubleStorage": np.float64,
                  "LongStorage": np.int64, "IntStorage": np.int32}
 

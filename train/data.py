@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from edge.preprocess import IMAGE_SUFFIXES, ImageError, PreprocessSpec, preprocess_uint8
+from edge.preprocess import IMAGE_SUFFIXES, PIXELS_VERSION, ImageError, PreprocessSpec, preprocess_uint8
 
 POSITIVE_FOLDERS = {"melanoma", "malignant", "mel"}
 
@@ -332,7 +332,7 @@ def _decode_one(args) -> tuple[int, np.ndarray | None, str]:
 
 
 def cache_key(paths: list[str], spec: PreprocessSpec) -> str:
-    h = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({**spec.to_dict(), "pixels_version": PIXELS_VERSION}, sort_keys=True).encode())
     for p in paths:
         st = os.stat(p) if os.path.exists(p) else None
         h.update(f"{p}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
