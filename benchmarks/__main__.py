@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from edge import MODELS_DIR
+from edge.runner import DEFAULT_MODEL
 from train.config import WORKSPACE
 
 from .measure import (REPO, bench_extras, bench_keras, bench_onnx, bench_tflite, cold_start, file_sizes, machine, peak_gflops,
@@ -145,11 +146,12 @@ def run_baselines(report: dict, models: list[Path], macs: dict, threads: list[in
                                                     "precision": kind, **r})
                         log(f"{name} threads={t}: p50 {r['latency_ms_p50']:.2f} ms")
     image = REPO / "tests" / "fixtures" / "lesion.jpg"
-    default = MODELS / "efficientnet_lite0_int8.tflite"
+    default = MODELS / DEFAULT_MODEL.name
     if not_installed("tensorflow", "tf_keras"):
         skip(report, "cold start (edge CLI vs TensorFlow + Keras)", "TensorFlow is not installed", log)
     elif image.exists() and default.exists():
-        report["cold_start"] = cold_starts(default, image, "efficientnet_lite0", 224)
+        meta = json.loads(default.with_suffix(".json").read_text())
+        report["cold_start"] = cold_starts(default, image, meta["model"], meta["input"]["shape"][1])
         log(f"cold start: edge CLI {report['cold_start']['edge_cli_seconds']:.2f} s, "
             f"TF+Keras {report['cold_start']['keras_tensorflow_seconds']:.2f} s")
 
@@ -174,7 +176,7 @@ def run_latency(models: list[Path], threads: list[int], runs: int, warmup: int, 
                 f"init {r['init_ms']:.0f} ms, peak RSS {r['peak_memory_mb']:.0f} MB")
         report["models"].append(entry)
         macs.setdefault(meta["model"], 0)
-    default = MODELS / "efficientnet_lite0_int8.tflite"
+    default = MODELS / DEFAULT_MODEL.name
     if default in models:
         report["explain_and_refuse"] = {str(t): run_child("extras", path=str(default), threads=t, runs=runs,
                                                           warmup=warmup) for t in threads}
@@ -295,7 +297,7 @@ def tta_tradeoff_row(rows: list[dict], latency: dict | None, threads: int, tta_m
     """The default int8 file with test-time augmentation, when both its evaluation
     (`python -m train.evaluate --model ... --tta --out reports/default_int8_tta`) and its TTA
     latency (this latency run) exist."""
-    default = next((r for r in rows if r["file"] == "efficientnet_lite0_int8.tflite"), None)
+    default = next((r for r in rows if r["file"] == DEFAULT_MODEL.name), None)
     timing = ((latency or {}).get("explain_and_refuse") or {}).get(str(threads), {})
     if default is None or tta_metrics is None or not tta_metrics.is_file() or "tta_ms_p50" not in timing:
         return None
@@ -462,7 +464,7 @@ def ood_main(argv) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Exit status: 0 done, 2 bad usage (no model, no gate in its sidecar, "
                                         "scikit-image missing).")
-    ap.add_argument("--model", type=Path, default=MODELS / "efficientnet_lite0_int8.tflite")
+    ap.add_argument("--model", type=Path, default=MODELS / DEFAULT_MODEL.name)
     ap.add_argument("--per-category", type=int, default=40, help="images per category (default 40)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--test-limit", type=int, default=0, help="test-split lesions to measure (0: all)")

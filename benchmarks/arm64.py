@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from edge.runner import DEFAULT_MODEL
+
 from .measure import REPO
 
 MIRROR = "http://deb.debian.org/debian"
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
     from edge import read_sidecar
     ap = argparse.ArgumentParser(prog="python -m benchmarks arm64", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=REPO / "models" / "efficientnet_lite0_int8.tflite")
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--images", type=Path, nargs="+", default=[REPO / "tests" / "fixtures"])
     ap.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="where the arm64 userland is built")
     ap.add_argument("--report", type=Path, default=REPO / "reports" / "arm64_check.json")

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-DEFAULT = "efficientnet_lite0_int8.tflite"
+from edge.runner import DEFAULT_MODEL
+
+DEFAULT = DEFAULT_MODEL.name  # the file the CLI and the server load by default
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
