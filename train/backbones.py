@@ -174,6 +174,8 @@ def _torch_to_keras_names(num_blocks: int) -> dict[str, str]:
 
 def load_lite_weights(model: keras.Model, path: str | Path | None = None,
                       variant: str = "efficientnet_lite0") -> None:
+    if model.name != variant:
+        raise ValueError(f"the model is {model.name}, the weights asked for {variant}")
     sd = read_legacy_torch_state_dict(lite_weights_path(path, variant))
     n_torch = len({k.split(".")[1] for k in sd if k.startswith("_blocks.")})
     if n_torch != lite_num_blocks(variant):
