@@ -45,12 +45,18 @@ def multipart(data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def single_image_ms(model: Path, data: bytes, runs: int = 200) -> dict:
-    """Median decode + inference time of one upload, one interpreter thread, in this process."""
+def warm_classifier(model: Path, data: bytes):
+    """A 1-thread Classifier that has classified `data` 20 times."""
     from edge import Classifier
-    clf = Classifier(model, num_threads=1)
+    clf = Classifier(Path(model), num_threads=1)
     for _ in range(20):
         clf.classify(data)
+    return clf
+
+
+def single_image_ms(model: Path, data: bytes, runs: int = 200) -> dict:
+    """Median decode + inference time of one upload, one interpreter thread, in this process."""
+    clf = warm_classifier(model, data)
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
@@ -62,10 +68,7 @@ def single_image_ms(model: Path, data: bytes, runs: int = 200) -> dict:
 def _classify_until(model: str, data: bytes, start: float, stop: float) -> tuple[int, float]:
     """One process of `all_cores_images_per_s`: warm up, wait for the common start, count the
     images finished before `stop`. Returns (images, when it was ready)."""
-    from edge import Classifier
-    clf = Classifier(Path(model), num_threads=1)
-    for _ in range(20):
-        clf.classify(data)
+    clf = warm_classifier(model, data)
     ready = time.time()
     while time.time() < start:
         time.sleep(0.001)

@@ -13,7 +13,7 @@ def test_lite_port_matches_pytorch_reference(variant):
     from train.backbones import build_lite, load_lite_weights
     fixture, size = VARIANTS[variant]
     model = build_lite((size, size, 3), include_top=True, variant=variant)
-    load_lite_weights(model, variant=variant)
+    load_lite_weights(model)
     ref = np.load(REPO / "tests" / "fixtures" / fixture)["logits"]
     got = model(reference_pixels(size), training=False).numpy()
     assert np.abs(got - ref).max() < LITE_TOLERANCE

@@ -172,10 +172,9 @@ def _torch_to_keras_names(num_blocks: int) -> dict[str, str]:
     return m
 
 
-def load_lite_weights(model: keras.Model, path: str | Path | None = None,
-                      variant: str = "efficientnet_lite0") -> None:
-    if model.name != variant:
-        raise ValueError(f"the model is {model.name}, the weights asked for {variant}")
+def load_lite_weights(model: keras.Model, path: str | Path | None = None) -> None:
+    """ImageNet weights of the variant `build_lite` named the model after."""
+    variant = model.name
     sd = read_legacy_torch_state_dict(lite_weights_path(path, variant))
     n_torch = len({k.split(".")[1] for k in sd if k.startswith("_blocks.")})
     if n_torch != lite_num_blocks(variant):
@@ -195,13 +194,14 @@ def load_lite_weights(model: keras.Model, path: str | Path | None = None,
             layer.set_weights([sd[f"{prefix}.weight"].T, sd[f"{prefix}.bias"]])
 
 
-def _efficientnet_lite(variant: str) -> Callable:
+def _efficientnet_lite(variant: str) -> tuple[Callable, BackboneInfo]:
+    """Registry entry of a Lite variant: its builder and its facts."""
     def build(input_shape, weights="imagenet"):
         model = build_lite(input_shape, variant=variant)
         if weights is not None:
-            load_lite_weights(model, None if weights == "imagenet" else weights, variant)
+            load_lite_weights(model, None if weights == "imagenet" else weights)
         return model
-    return build
+    return build, BackboneInfo(variant, "(x - 127) / 128 (Rescaling layer in the model)", lite_num_blocks(variant), True)
 
 
 # --------------------------------------------------------------------------- keras.applications
@@ -256,10 +256,7 @@ def _mobilenet_v2(input_shape, weights="imagenet"):
 
 
 REGISTRY: dict[str, tuple[Callable, BackboneInfo]] = {
-    "efficientnet_lite0": (_efficientnet_lite("efficientnet_lite0"), BackboneInfo(
-        "efficientnet_lite0", "(x - 127) / 128 (Rescaling layer in the model)", 16, True)),
-    "efficientnet_lite1": (_efficientnet_lite("efficientnet_lite1"), BackboneInfo(
-        "efficientnet_lite1", "(x - 127) / 128 (Rescaling layer in the model)", 21, True)),
+    **{variant: _efficientnet_lite(variant) for variant in LITE_DEPTH},
     "mobilenet_v3_small": (_applications("MobileNetV3Small", WEIGHTS_ENV["mobilenet_v3_small"],
                                          include_preprocessing=True, minimalistic=False), BackboneInfo(
         "mobilenet_v3_small", "x / 127.5 - 1 (keras.applications include_preprocessing)", 11, False)),
@@ -282,7 +279,7 @@ def build_backbone(name: str, input_shape=(224, 224, 3), weights="imagenet") -> 
 def block_index(layer_name: str, backbone: str) -> int | None:
     """The block number a layer belongs to, or None for stem/head layers."""
     import re
-    patterns = {"efficientnet_lite0": r"^block(\d+)_", "efficientnet_lite1": r"^block(\d+)_", "mobilenet_v2": r"^block_(\d+)_",
+    patterns = {**{v: r"^block(\d+)_" for v in LITE_DEPTH}, "mobilenet_v2": r"^block_(\d+)_",
                 "mobilenet_v3_small": r"^expanded_conv_?(\d*)/", "mobilenet_v3_large": r"^expanded_conv_?(\d*)/"}
     m = re.match(patterns[backbone], layer_name)
     if not m:
