@@ -98,3 +98,26 @@ def test_installed_card_and_defaults_stay_out_of_site_packages(installed):
     assert (elsewhere / "MODEL_CARD.md").read_text().startswith("# Model card")
     help_text = run_script(installed, "melanoma-train", "--help").stdout
     assert "site-packages" not in help_text.split("--out")[1].split("--")[0]
+
+
+def _pins(lines) -> set[str]:
+    """Requirement strings without comments, spaces or -r includes, quotes normalised."""
+    out = set()
+    for line in lines:
+        line = line.split("#", 1)[0].strip().replace(" ", "").replace("'", '"')
+        if line and not line.startswith("-r"):
+            out.add(line)
+    return out
+
+
+def test_pyproject_pins_the_same_versions_as_the_requirements_files():
+    """`pip install .[edge]` is exactly requirements-edge.txt and `.[all]` is requirements.txt:
+    a version bumped in one place only would make the package and the checkout disagree."""
+    import tomllib
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    edge = _pins(project["dependencies"]) | _pins(extras["edge"])
+    full = edge | _pins(d for d in extras["all"] + extras["server"] if not d.startswith("melanoma-screen"))
+    assert edge == _pins((REPO / "requirements-edge.txt").read_text().splitlines())
+    assert full == _pins((REPO / "requirements-edge.txt").read_text().splitlines()
+                         + (REPO / "requirements.txt").read_text().splitlines())

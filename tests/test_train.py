@@ -1,5 +1,6 @@
 """Training end to end on a tiny synthetic set; config, resume and strategy selection."""
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -65,6 +66,16 @@ def test_config_unknown_key_and_validation():
         TrainConfig.from_dict({"learning_rate": 1})
     with pytest.raises(ValueError, match="on_bad"):
         TrainConfig(on_bad="ignore").validate()
+
+
+def test_default_run_folder_follows_the_backbone(tmp_path):
+    """Training another backbone without --out must not land in (and be refused by, or with
+    --force replace) the default model's run folder."""
+    from train.__main__ import build_parser, config_from_args
+    lite1 = config_from_args(build_parser().parse_args(["--backbone", "efficientnet_lite1"]))
+    assert Path(lite1.out).name == "efficientnet_lite1"
+    assert Path(TrainConfig().out).name == "efficientnet_lite0"
+    assert TrainConfig(out=str(tmp_path)).out == str(tmp_path)
 
 
 def test_cli_flags_override_config(tmp_path):

@@ -60,9 +60,13 @@ class TrainConfig:
     bootstrap: int = 1000  # resamples for the AUC interval
     # run
     seed: int = 0
-    out: str = str(WORKSPACE / "runs" / "efficientnet_lite0")
+    out: str = ""  # "": runs/<backbone> in the workspace (set in __post_init__)
     workers: int = 2  # image decoding processes for the pixel cache
     limit: int = 0  # use only this many images (tests, smoke runs); 0 = all
+
+    def __post_init__(self):
+        if not self.out:
+            self.out = str(WORKSPACE / "runs" / self.backbone)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -152,7 +156,7 @@ HELP = {  # --help text per field (the comments above, for the command line)
     "augment": "flips, 90-degree rotations, random resized crops, colour jitter",
     "target_sensitivity": "the threshold is chosen on validation for this sensitivity",
     "bootstrap": "bootstrap resamples for the AUC interval", "seed": "seed of the split, shuffling and augmentation",
-    "out": "run folder (refused if it holds a run, unless --resume or --force)",
+    "out": "run folder (default runs/<backbone>; refused if it holds a run, unless --resume or --force)",
     "workers": "image decoding processes for the pixel cache",
     "limit": "use only this many images (smoke runs); 0 = all",
 }
