@@ -113,7 +113,7 @@ def _pins(lines) -> set[str]:
 def test_pyproject_pins_the_same_versions_as_the_requirements_files():
     """`pip install .[edge]` is exactly requirements-edge.txt and `.[all]` is requirements.txt:
     a version bumped in one place only would make the package and the checkout disagree."""
-    import tomllib
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     edge = _pins(project["dependencies"]) | _pins(extras["edge"])
