@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag, default, hint = "--" + f.name.replace("_", "-"), getattr(defaults, f.name), hints[f.name]
-        text = HELP[f.name] if f.name == "out" else f"{HELP[f.name]} (default {default})"
+        text = f"{HELP[f.name]} (default {default})"
         if hint is bool:
             ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.name == "data":

@@ -156,7 +156,7 @@ HELP = {  # --help text per field (the comments above, for the command line)
     "augment": "flips, 90-degree rotations, random resized crops, colour jitter",
     "target_sensitivity": "the threshold is chosen on validation for this sensitivity",
     "bootstrap": "bootstrap resamples for the AUC interval", "seed": "seed of the split, shuffling and augmentation",
-    "out": "run folder (default runs/<backbone>; refused if it holds a run, unless --resume or --force)",
+    "out": "run folder, runs/<backbone> when not given (refused if it holds a run, unless --resume or --force)",
     "workers": "image decoding processes for the pixel cache",
     "limit": "use only this many images (smoke runs); 0 = all",
 }
