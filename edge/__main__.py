@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import sys
 import time
 from pathlib import Path
@@ -91,39 +92,52 @@ def write_heatmap(clf: Classifier, path: Path, pred, folder: Path, used: set) ->
     return target
 
 
-def decoded_ahead(clf: Classifier, images: list[Path], threads: int):
-    """(path, model input or refusal or ImageError) in input order, decoded by `threads` threads
-    at most 2 x threads images ahead of the interpreter (Pillow releases the GIL while it decodes,
-    so decoding overlaps inference; the bounded window bounds memory)."""
-    def prepare(path):
+def answered_ahead(clfs: list[Classifier], images: list[Path], workers: int, tta: bool = False):
+    """(path, Prediction or ImageError) in input order.
+
+    With `workers` > 1, that many threads each decode an image and then answer it on whichever of
+    `clfs` (replicas of one model, an interpreter each) is free, at most 2 x workers images ahead
+    of the reader (the bounded window bounds memory). Pillow's decoding and the interpreter's
+    invoke release the GIL, so decoding overlaps inference and the interpreters run at once."""
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for clf in clfs:
+        free.put(clf)
+
+    def work(path):
         try:
-            return clf.prepare(path)
+            x = clfs[0].prepare(path)  # needs no interpreter
+            clf = free.get()
+            try:
+                return clf.answer(x, tta=tta)
+            finally:
+                free.put(clf)
         except ImageError as e:
             return e
-    if threads <= 1:
+    if workers <= 1:
         for path in images:
-            yield path, prepare(path)
+            yield path, work(path)
         return
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+    with ThreadPoolExecutor(workers, thread_name_prefix="image") as pool:
         window: deque = deque()
         todo = iter(images)
         for path in todo:
-            window.append((path, pool.submit(prepare, path)))
-            if len(window) >= 2 * threads:
+            window.append((path, pool.submit(work, path)))
+            if len(window) >= 2 * workers:
                 break
         while window:
             path, future = window.popleft()
             nxt = next(todo, None)
             if nxt is not None:
-                window.append((nxt, pool.submit(prepare, nxt)))
+                window.append((nxt, pool.submit(work, nxt)))
             yield path, future.result()
 
 
 def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, err=None, tta: bool = False,
-                heatmaps: Path | None = None, decode_threads: int = 1) -> int:
-    """Predict every image; report unreadable and refused ones and keep going. Returns the exit status."""
+                heatmaps: Path | None = None, workers: int = 1, parallel: int = 1) -> int:
+    """Predict every image; report unreadable and refused ones and keep going. Returns the exit status.
+    `parallel` interpreters (clf and replicas of it) answer images from `workers` threads."""
     out, err = out or sys.stdout, err or sys.stderr
     width = max([len(shown(p)) for p in images] + [5])
     flagged = failures = malignant = refusals = 0
@@ -135,17 +149,14 @@ def run_predict(clf: Classifier, images: list[Path], as_json: bool, out=None, er
         extra = f"  {'P(malignant)':>12s}" if multitask else ""
         print(f"{'image':{width}s}  {column:>11s}{extra}  decision (threshold {clf.threshold:.3f})"
               + ("  |  top diagnoses" if multitask else ""), file=out)
-    for path, prepared in progress(decoded_ahead(clf, images, decode_threads), as_json, err, len(images)):
+    clfs = [clf] + [clf.replica() for _ in range(parallel - 1)]
+    for path, pred in progress(answered_ahead(clfs, images, workers, tta), as_json, err, len(images)):
         name = shown(path)
-        try:
-            if isinstance(prepared, ImageError):
-                raise prepared
-            pred = clf.answer(prepared, tta=tta)
-        except ImageError as e:
+        if isinstance(pred, ImageError):
             failures += 1
-            print(f"skipped: {name}: {e.reason}", file=err)
+            print(f"skipped: {name}: {pred.reason}", file=err)
             if as_json:
-                print(json.dumps({"image": name, "error": e.reason}), file=out)
+                print(json.dumps({"image": name, "error": pred.reason}), file=out)
             continue
         if pred.refused:
             refusals += 1
@@ -201,9 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default {DEFAULT_MODEL.name})")
         s.add_argument("--threads", type=int, default=None, help="interpreter threads (default: runtime's choice)")
     pr.add_argument("--json", action="store_true", help="one JSON object per image on stdout (no table, no bar)")
+    pr.add_argument("--parallel", type=int, default=None, metavar="N", help=(
+        "interpreters answering images at once, each with --threads threads (default: one per CPU core, "
+        "at most 4, with 1 thread each, for several images when --threads is not given; else 1)"))
     pr.add_argument("--decode-threads", type=int, default=None, metavar="N", help=(
-        "threads decoding images ahead of the interpreter, order kept (default: 2 when there are 2 or more "
-        "CPU cores and several images, else 1)"))
+        "threads that decode images ahead and hand them to a free interpreter, order kept (default: "
+        "--parallel + 1 for several images, else 1)"))
     pr.add_argument("--heatmap", type=Path, metavar="DIR", help=(
         "write an overlay PNG per answered image into DIR (the image the model saw with its melanoma activation "
         "map blended over it, and a colour scale); --json then names the file"))
@@ -233,34 +247,38 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_cli(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        print("error: --threads must be at least 1", file=sys.stderr)
-        return EXIT_USAGE
+    for flag in ("threads", "parallel", "decode_threads"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+            print(f"error: --{flag.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return EXIT_USAGE
+    images, parallel, workers, threads = [], 1, 1, args.threads
+    if args.command == "predict":
+        images = expand_inputs(args.inputs)
+        if not images:
+            print("error: no images found in the given inputs", file=sys.stderr)
+            return EXIT_USAGE
+        several = len(images) > 1
+        # several images: one single-threaded interpreter per core beats one interpreter on every core
+        parallel = args.parallel or (min(os.cpu_count() or 1, 4) if several and threads is None else 1)
+        threads = threads or (1 if parallel > 1 else None)
+        workers = args.decode_threads or (parallel + 1 if several else 1)
     try:
         # decodes in the pool share one memory budget, as the server's threads do
-        clf = Classifier(args.model, num_threads=args.threads, budget=MemoryBudget(DecodeLimits().max_decode_bytes))
+        clf = Classifier(args.model, num_threads=threads, budget=MemoryBudget(DecodeLimits().max_decode_bytes))
     except (SidecarError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "info":
         print(json.dumps(clf.describe(), indent=2))
         return EXIT_OK
-    images = expand_inputs(args.inputs)
-    if not images:
-        print("error: no images found in the given inputs", file=sys.stderr)
-        return EXIT_USAGE
     if args.heatmap is not None:
         try:
             args.heatmap.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             print(f"error: --heatmap {args.heatmap}: {e.strerror or e}", file=sys.stderr)
             return EXIT_USAGE
-    decode = args.decode_threads if args.decode_threads is not None else \
-        (2 if len(images) > 1 and (os.cpu_count() or 1) >= 2 else 1)
-    if decode < 1:
-        print("error: --decode-threads must be at least 1", file=sys.stderr)
-        return EXIT_USAGE
-    return run_predict(clf, images, args.json, tta=args.tta, heatmaps=args.heatmap, decode_threads=decode)
+    return run_predict(clf, images, args.json, tta=args.tta, heatmaps=args.heatmap, workers=workers,
+                       parallel=parallel)
 
 
 if __name__ == "__main__":

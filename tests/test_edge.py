@@ -43,6 +43,19 @@ def test_quantize_dequantize_round_trip():
     assert q.dtype == np.int8 and q.tolist() == [-128, -127, -1, 127]
     np.testing.assert_allclose(dequantize(q, 1.0, -128), np.round(x))
     assert quantize(np.array([1000.0]), np.uint8, 1.0, 0).tolist() == [255]  # clipped, not wrapped
+    # a uint8 image for a uint8 input of scale 1, zero point 0 is the tensor itself, no float round trip
+    img = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    assert quantize(img, np.uint8, 1.0, 0) is img
+    assert np.array_equal(quantize(img, np.uint8, 2.0, 0), [[[0, 0, 1], [2, 2, 2]], [[3, 4, 4], [4, 5, 6]]])
+
+
+def test_runner_answers_decoded_uint8_like_float(tiny_models):
+    """prepare() hands the int8 file the uint8 image; the answer equals the float array's."""
+    clf = Classifier(tiny_models["uint8"], num_threads=1)
+    data = jpeg_bytes(lesion_image(5))
+    x = clf.prepare(data)
+    assert x.dtype == np.uint8
+    assert clf.predict_array(x) [0] == clf.predict_array(x.astype(np.float32))[0]
 
 
 def test_sidecar_sha_mismatch_refused(tiny_models, tmp_path):
