@@ -170,7 +170,7 @@ def bench_extras(path: Path, threads: int, runs: int, warmup: int) -> dict:
     from edge.gate import quality_problem
     from edge.preprocess import resized_array, shades_of_grey
     clf = Classifier(path, num_threads=threads)
-    raw = resized_array(REPO / "tests" / "fixtures" / "lesion.jpg", clf.spec)
+    raw = resized_array(REPO / "tests" / "fixtures" / "lesion.jpg", clf.spec, dtype=np.uint8)  # as prepare()
     x = shades_of_grey(raw)
     it, inp, out = clf._interpreter, clf.input_details, clf._output
 

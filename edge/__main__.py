@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import DEFAULT_MODEL, DISCLAIMER, Classifier, ImageError, SidecarError
 from .preprocess import FORMAT_NAMES, IMAGE_SUFFIXES, DecodeLimits, MemoryBudget
+from .runner import usable_cores
 
 EXIT_OK, EXIT_USAGE, EXIT_UNREADABLE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 PROGRESS_FROM = 20  # a progress bar (stderr, terminals only) from this many images
@@ -259,9 +260,10 @@ def run_cli(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         several = len(images) > 1
         # several images: one single-threaded interpreter per core beats one interpreter on every core
-        parallel = args.parallel or (min(os.cpu_count() or 1, 4) if several and threads is None else 1)
-        threads = threads or (1 if parallel > 1 else None)
+        parallel = args.parallel or (min(usable_cores(), 4) if several and threads is None else 1)
         workers = args.decode_threads or (parallel + 1 if several else 1)
+        parallel = min(parallel, workers, len(images))  # an interpreter no thread feeds would idle
+        threads = threads or (1 if parallel > 1 else None)
     try:
         # decodes in the pool share one memory budget, as the server's threads do
         clf = Classifier(args.model, num_threads=threads, budget=MemoryBudget(DecodeLimits().max_decode_bytes))

@@ -379,7 +379,7 @@ def resized_array(source: ImageSource, spec: PreprocessSpec = PreprocessSpec(), 
     """The decoded image at the model's size, 0..255 (float32, or uint8 with `dtype`), before
     colour constancy (what the image-quality checks and the heatmap overlay look at)."""
     img = open_image(source, draft_size=spec.size, max_pixels=max_pixels, limits=limits, budget=budget)
-    return np.asarray(resize(img, spec), dtype=dtype)
+    return np.array(resize(img, spec), dtype=dtype)  # a writable array (asarray's view of Pillow's is not)
 
 
 def finish(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -421,7 +421,7 @@ def shades_of_grey(x: np.ndarray, p: int = 6) -> np.ndarray:
         return np.clip(np.round(x.astype(np.float32) * gain), 0.0, 255.0)
     # the float32 arithmetic of the per-pixel line above, once per (channel, value)
     table = np.clip(np.round(np.arange(256, dtype=np.float32)[None, :] * gain[:, None]), 0.0, 255.0)
-    out = np.asarray(img.point(table.astype(np.uint8).ravel().tolist()))
+    out = np.array(img.point(table.astype(np.uint8).ravel().tolist()))  # writable, as the float path's
     return out if x.dtype == np.uint8 else out.astype(np.float32)
 
 

@@ -23,6 +23,14 @@ MODELS_DIR = next((d for d in (_HERE.parent / "models", _HERE / "models") if d.i
 DEFAULT_MODEL = MODELS_DIR / "efficientnet_lite0_int8.tflite"
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (a container's or taskset's limit, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def load_interpreter_class():
     """Return (Interpreter class, backend name): ai_edge_litert, else tflite_runtime, else tf.lite."""
     try:
@@ -292,8 +300,9 @@ class Classifier:
         return self.answer(self.prepare(source), tta)
 
     def prepare(self, source: ImageSource) -> np.ndarray | Prediction:
-        """The decoding half of `classify` (thread-safe, no interpreter): the model's input array,
-        or the refusal of an unusable image. Raises edge.ImageError for unreadable input."""
+        """The decoding half of `classify` (thread-safe, no interpreter): the model's input array
+        (uint8 when decoded from a file), or the refusal of an unusable image. Raises
+        edge.ImageError for unreadable input."""
         raw = resized_array(source, self.spec, max_pixels=self.max_pixels, budget=self.budget, dtype=np.uint8)
         if self.refuse and self.quality is not None:
             problem = quality_problem(raw, self.quality)

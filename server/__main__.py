@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from edge import DEFAULT_MODEL, SidecarError
+from edge.runner import usable_cores
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -36,14 +37,6 @@ def positive(kind):
             raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
         return value
     return parse
-
-
-def usable_cores() -> int:
-    """CPUs this process may run on (a container's or taskset's limit, not the host's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def multi_process_ok() -> bool:

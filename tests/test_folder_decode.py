@@ -86,3 +86,36 @@ def test_replicas_answer_at_once(tiny_models, tmp_path):
     single = list(answered_ahead([clf], sorted(d.iterdir()), 3))
     assert [p.probability for _, p in single if hasattr(p, "probability")] == \
         [p.probability for _, p in got if hasattr(p, "probability")]
+
+
+def test_default_is_one_single_threaded_interpreter_per_core(tiny_models, tmp_path, monkeypatch, capsys):
+    """Several images, no --threads: one interpreter per usable core (at most 4), 1 thread each;
+    no interpreter that no decode thread could feed; --threads keeps one interpreter."""
+    import edge.__main__ as cli
+    d = make_folder(tmp_path)
+    made = []
+    real_init, real_replica = Classifier.__init__, Classifier.replica
+
+    def init(self, *a, **kw):
+        made.append(("first", kw.get("num_threads")))
+        real_init(self, *a, **kw)
+
+    def replica(self):
+        made.append(("replica", self.num_threads))
+        return real_replica(self)
+    monkeypatch.setattr(Classifier, "__init__", init)
+    monkeypatch.setattr(Classifier, "replica", replica)
+    monkeypatch.setattr(cli, "usable_cores", lambda: 3)
+    model = ["--model", str(tiny_models["uint8"]), "--json"]
+    for flags, want in [([], [("first", 1), ("replica", 1), ("replica", 1)]),
+                        (["--decode-threads", "2"], [("first", 1), ("replica", 1)]),
+                        (["--decode-threads", "1"], [("first", None)]),
+                        (["--threads", "2"], [("first", 2)]),
+                        (["--threads", "2", "--parallel", "2"], [("first", 2), ("replica", 2)])]:
+        made.clear()
+        assert cli.main(["predict", str(d), *model, *flags]) == 3
+        assert made == want, flags
+    made.clear()
+    assert cli.main(["predict", str(d / "img00.jpg"), *model]) == 0  # one image: one interpreter
+    assert made == [("first", None)]
+    capsys.readouterr()
