@@ -169,3 +169,28 @@ def test_load_ceiling_runs_every_process_at_once(tiny_models):
     assert r["images"] == sum(r["images_per_process"])
     with pytest.raises(RuntimeError, match="after the common start"):
         all_cores_images_per_s(tiny_models["uint8"], data, 1, seconds=0.2, settle=0.0)
+
+
+def test_folder_throughput_report_times_every_setting_and_an_earlier_commit(tiny_models, tmp_path):
+    """benchmarks.folder runs the real CLI on a folder for each setting, and (--baseline-ref)
+    the CLI of an earlier commit from a temporary worktree that it removes afterwards."""
+    import subprocess
+    from benchmarks import folder
+    from .conftest import lesion_image
+    if not (folder.REPO / ".git").exists():
+        pytest.skip("--baseline-ref needs a git checkout")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        lesion_image(i, size=(60, 50)).save(data / f"img{i}.jpg")
+    out = tmp_path / "reports"
+    assert folder.main(["--data", str(data), "--images", "4", "--model", str(tiny_models["uint8"]),
+                        "--baseline-ref", "HEAD", "--out", str(out)]) == 0
+    rep = json.loads((out / "folder.json").read_text())
+    assert [r["setting"] for r in rep["runs"]] == [s[0] for s in folder.BEFORE + folder.SETTINGS]
+    assert all(r["images"] == 4 and r["images_per_s"] > 0 for r in rep["runs"])
+    assert rep["runs"][0]["ref"] == "HEAD" and set(rep["speedup_default_vs_before"]) == {s[0] for s in folder.BEFORE}
+    assert "images/s" in (out / "folder.md").read_text()
+    worktrees = subprocess.run(["git", "-C", str(folder.REPO), "worktree", "list"], capture_output=True, text=True)
+    assert str(tmp_path) not in worktrees.stdout  # the worktree is gone
+    assert folder.main(["--data", str(data), "--images", "5", "--out", str(out)]) == 2  # too few images
