@@ -55,7 +55,7 @@ def test_runner_answers_decoded_uint8_like_float(tiny_models):
     data = jpeg_bytes(lesion_image(5))
     x = clf.prepare(data)
     assert x.dtype == np.uint8
-    assert clf.predict_array(x) [0] == clf.predict_array(x.astype(np.float32))[0]
+    assert clf.predict_array(x)[0] == clf.predict_array(x.astype(np.float32))[0]
 
 
 def test_sidecar_sha_mismatch_refused(tiny_models, tmp_path):
