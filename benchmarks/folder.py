@@ -26,12 +26,13 @@ REPO = Path(__file__).resolve().parent.parent
 REPORTS = REPO / "reports"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ham10000" / "train"
 # (what it is, CLI flags, CPU threads it uses for inference)
+SERIAL_2 = "serial, 1 interpreter x 2 threads"
+DEFAULT_2 = "decode pool, 2 interpreters x 1 thread (the default on 2 cores)"
 SETTINGS = [
     ("serial, 1 interpreter x 1 thread", ["--threads", "1", "--parallel", "1", "--decode-threads", "1"], 1),
-    ("serial, 1 interpreter x 2 threads", ["--threads", "2", "--parallel", "1", "--decode-threads", "1"], 2),
+    (SERIAL_2, ["--threads", "2", "--parallel", "1", "--decode-threads", "1"], 2),
     ("decode pool, 1 interpreter x 2 threads", ["--threads", "2", "--parallel", "1", "--decode-threads", "3"], 2),
-    ("decode pool, 2 interpreters x 1 thread (the default on 2 cores)",
-     ["--threads", "1", "--parallel", "2", "--decode-threads", "3"], 2),
+    (DEFAULT_2, ["--threads", "1", "--parallel", "2", "--decode-threads", "3"], 2),
 ]
 # the CLI before this change (it had no --parallel): its serial mode and its default pool
 BEFORE = [("before: serial, 1 interpreter x 2 threads", ["--threads", "2", "--decode-threads", "1"], 2),
@@ -93,10 +94,9 @@ def main(argv=None) -> int:
             if args.baseline_ref:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(Path(tmp) / "before")],
                                capture_output=True)
-    now = [r for r in runs if r["ref"] is None]
-    serial2 = now[1]
-    best2 = max((r for r in now if r["inference_threads"] == 2), key=lambda r: r["images_per_s"])
-    default = now[3]
+    now = {r["setting"]: r for r in runs if r["ref"] is None}
+    serial2, default = now[SERIAL_2], now[DEFAULT_2]
+    best2 = max((r for r in now.values() if r["inference_threads"] == 2), key=lambda r: r["images_per_s"])
     from benchmarks.measure import machine
     report = {"generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(), "model": args.model.name,
               "data": str(args.data), "images": len(files), "baseline_ref": args.baseline_ref, "runs": runs,

@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_cli(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for flag in ("threads", "parallel", "decode_threads"):
-        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+        value = getattr(args, flag, None)  # `info` has no --parallel / --decode-threads
+        if value is not None and value < 1:
             print(f"error: --{flag.replace('_', '-')} must be at least 1", file=sys.stderr)
             return EXIT_USAGE
     images, parallel, workers, threads = [], 1, 1, args.threads
