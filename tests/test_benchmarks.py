@@ -171,6 +171,34 @@ def test_load_ceiling_runs_every_process_at_once(tiny_models):
         all_cores_images_per_s(tiny_models["uint8"], data, 1, seconds=0.2, settle=0.0)
 
 
+def test_load_efficiency_uses_the_single_image_time_around_each_run(tmp_path, monkeypatch):
+    """Each server run's ideal comes from the single-image times measured right before and after
+    it (the cores' speed drifts), every round is kept, and the summary gives medians over rounds."""
+    from benchmarks import load
+    singles = iter([5.0, 4.0, 6.0, 8.0, 8.0, 10.0, 10.0])  # first, then (before, after) per run
+    monkeypatch.setattr(load, "warm_classifier", lambda model, data: object())
+    monkeypatch.setattr(load, "single_image_ms", lambda clf, data: {"p50_ms": next(singles), "runs": 200})
+    monkeypatch.setattr(load, "all_cores_images_per_s", lambda *a, **k: {
+        "processes": 2, "seconds": 10.0, "images_per_process": [1, 1], "images": 2, "images_per_s": 390.0})
+    rps = iter([200.0, 180.0, 150.0])
+    monkeypatch.setattr(load, "serve_and_load", lambda args, w, client, data: {
+        "requests": 1000, "errors": 0, "seconds": 5.0, "requests_per_s": next(rps), "p50_ms": 50.0,
+        "p90_ms": 60.0, "p99_ms": 90.0})
+    monkeypatch.setattr(load.os, "cpu_count", lambda: 2)
+    assert load.main(["--workers", "2", "--rounds", "3", "--client", "python", "--out", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "load.json").read_text())
+    effs = [r["efficiency"] for r in rep["runs"]]
+    # ideal = 2 cores / mean(before, after): 400, 250, 200 requests/s
+    assert effs == pytest.approx([200 / 400, 180 / 250, 150 / 200])
+    assert [r["round"] for r in rep["runs"]] == [1, 2, 3]
+    s = rep["summary"][0]
+    assert s["median_efficiency"] == pytest.approx(0.72) and s["min_efficiency"] == pytest.approx(0.5)
+    assert s["median_requests_per_s"] == 180.0 and s["errors"] == 0 and s["worst_p99_over_p50"] == pytest.approx(1.8)
+    assert rep["all_cores_no_server"]["over_ideal"] == pytest.approx(390 / 400)
+    md = (tmp_path / "load.md").read_text()
+    assert "| 2 | 3 | 180 | 0.72 | 0.50-0.75 | 0 | 1.80 |" in md and md.count("| python | 16 |") == 3
+
+
 def test_folder_throughput_report_times_every_setting_and_an_earlier_commit(tiny_models, tmp_path):
     """benchmarks.folder runs the real CLI on a folder for each setting, and (--baseline-ref)
     the CLI of an earlier commit from a temporary worktree that it removes afterwards."""
