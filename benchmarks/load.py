@@ -6,9 +6,10 @@ single-image time (decode + inference, 1 thread) measured in the same run.
 
 For each worker count: requests/s, p50/p90/p99 latency and errors at the given concurrency, and
 the efficiency ratio requests/s / (cores / single-image time), the ideal being 1. The speed of a
-shared cloud core drifts by tens of percent within minutes, so the single-image time is measured
-right before and right after each server run (their mean gives that run's ideal), and the whole
-series is repeated `--rounds` times: every round is reported, and the median per worker count.
+shared cloud core drifts by tens of percent within minutes, so each server run is cut into
+`--slices` slices with the single-image time measured (server idle) before each slice and after
+the last: the median of those samples gives that run's ideal. The whole series is repeated
+`--rounds` times: every round is reported, and the median per worker count.
 For scale, the same run also measures the ceiling without any server: one process per core, each
 classifying the image in a loop at the same time (images/s in all, and that over the ideal): what
 the cores give when they are all busy. Results go to reports/load.{json,md}. Run it on an idle
@@ -171,16 +172,18 @@ end
 """
 
 
-def hammer_wrk(port: int, data: bytes, concurrency: int, seconds: int, tmp: Path) -> dict:
+def hammer_wrk(port: int, data: bytes, concurrency: int, seconds: int, tmp: Path, warm_up: bool = True) -> dict:
     """The same load from wrk (a C load generator: far less of the 2 cores than Python threads),
-    `concurrency` keep-alive connections on 2 client threads for `seconds`, after a 3 s warm-up."""
+    `concurrency` keep-alive connections on 2 client threads for `seconds`, after a 3 s warm-up
+    (`warm_up`)."""
     body, ctype = multipart(data)
     (tmp / "body").write_bytes(body)
     (tmp / "post.lua").write_text(WRK_SCRIPT)
     env = {**os.environ, "LOAD_BODY": str(tmp / "body"), "LOAD_CTYPE": ctype}
     url = f"http://127.0.0.1:{port}/api/v1/predict"
-    subprocess.run(["wrk", "-t", "2", "-c", str(concurrency), "-d", "3s", "-s", str(tmp / "post.lua"), url],
-                   env=env, capture_output=True, check=True)
+    if warm_up:
+        subprocess.run(["wrk", "-t", "2", "-c", str(concurrency), "-d", "3s", "-s", str(tmp / "post.lua"), url],
+                       env=env, capture_output=True, check=True)
     out = subprocess.run(["wrk", "-t", "2", "-c", str(concurrency), "-d", f"{seconds}s", "--timeout", "30s",
                           "-s", str(tmp / "post.lua"), url], env=env, capture_output=True, text=True, check=True)
     line = next(x for x in out.stdout.splitlines() if x.startswith("WRK_JSON "))
@@ -203,9 +206,11 @@ def main(argv=None) -> int:
                     help="load generator: wrk (Debian package wrk; auto when installed) or a threaded Python client")
     ap.add_argument("--seconds", type=int, default=20, help="duration of each wrk run (default 20)")
     ap.add_argument("--rounds", type=int, default=3, help="repeat every worker count this often (default 3)")
+    ap.add_argument("--slices", type=int, default=5, help=(
+        "cut each run into this many slices with a single-image time before each and after the last (default 5)"))
     args = ap.parse_args(argv)
-    if args.rounds < 1 or args.seconds < 1:
-        ap.error("--rounds and --seconds must be at least 1")
+    if min(args.rounds, args.seconds, args.slices, args.requests) < 1:
+        ap.error("--rounds, --seconds, --slices and --requests must be at least 1")
     import shutil
     client = ("wrk" if shutil.which("wrk") else "python") if args.client == "auto" else args.client
     if client == "wrk" and not shutil.which("wrk"):
@@ -214,30 +219,30 @@ def main(argv=None) -> int:
     data = args.image.read_bytes()
     cores = os.cpu_count() or 1
     clf = warm_classifier(args.model, data)
-    first = single_image_ms(clf, data)
+    first = single_image_ms(clf, data)["p50_ms"]
     ceiling = all_cores_images_per_s(args.model, data, cores)
-    ceiling["over_ideal"] = ceiling["images_per_s"] / (cores / (first["p50_ms"] / 1000))
-    print(f"single image {first['p50_ms']:.2f} ms; no server, {cores} processes at once: "
+    ceiling["single_ms_before"], ceiling["single_ms_after"] = first, single_image_ms(clf, data)["p50_ms"]
+    ceiling["over_ideal"] = ceiling["images_per_s"] / (cores / ((first + ceiling["single_ms_after"]) / 2000))
+    print(f"single image {first:.2f} ms; no server, {cores} processes at once: "
           f"{ceiling['images_per_s']:.0f} images/s ({ceiling['over_ideal']:.2f} of the ideal)", flush=True)
     runs = []
     for rnd in range(1, args.rounds + 1):
         for w in args.workers:
-            before = single_image_ms(clf, data)["p50_ms"]
-            r = serve_and_load(args, w, client, data)
-            after = single_image_ms(clf, data)["p50_ms"]
-            single = (before + after) / 2
+            r = serve_and_load(args, w, client, data, lambda: single_image_ms(clf, data, runs=100)["p50_ms"])
+            single = statistics.median(r["single_ms_samples"])
             ideal = cores / (single / 1000)
-            r.update(round=rnd, workers=w, concurrency=args.concurrency, client=client, single_ms_before=before,
-                     single_ms_after=after, single_ms=single, ideal_requests_per_s=ideal,
-                     efficiency=r["requests_per_s"] / ideal, p99_over_p50=r["p99_ms"] / r["p50_ms"])
+            r.update(round=rnd, workers=w, concurrency=args.concurrency, client=client, single_ms=single,
+                     ideal_requests_per_s=ideal, efficiency=r["requests_per_s"] / ideal,
+                     p99_over_p50=r["p99_ms"] / r["p50_ms"])
             runs.append(r)
             print(f"round {rnd}, workers {w}: {r['requests_per_s']:.0f} req/s, p50 {r['p50_ms']:.1f} ms, "
-                  f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}, single image {before:.2f}/{after:.2f} ms, "
+                  f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}, single image {single:.2f} ms "
+                  f"({min(r['single_ms_samples']):.2f}-{max(r['single_ms_samples']):.2f}), "
                   f"efficiency {r['efficiency']:.2f}", flush=True)
     summary = summarise(runs, args.workers)
     report = {"model": args.model.name, "image": args.image.name, "image_bytes": len(data), "cores": cores,
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
-              "rounds": args.rounds, "seconds": args.seconds, "single_image_first_ms": first["p50_ms"],
+              "rounds": args.rounds, "seconds": args.seconds, "slices": args.slices,
               "all_cores_no_server": ceiling, "summary": summary, "runs": runs,
               "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -246,16 +251,25 @@ def main(argv=None) -> int:
     return 0
 
 
-def serve_and_load(args, workers: int, client: str, data: bytes) -> dict:
-    """Start `python -m server --workers N`, load it, stop it."""
+def serve_and_load(args, workers: int, client: str, data: bytes, sample) -> dict:
+    """Start `python -m server --workers N`, then alternate a single-image time (`sample()`, the
+    server idle) and a slice of the load, `--slices` times, and a last sample; stop the server.
+    The slices are merged: requests, errors and seconds add up, p50 and p90 are the slices'
+    medians, p99 their maximum."""
     import tempfile
     port = free_port()
     proc = start_server(args.model, workers, port)
+    samples, slices = [], []
     try:
-        if client == "wrk":
-            with tempfile.TemporaryDirectory() as tmp:
-                return hammer_wrk(port, data, args.concurrency, args.seconds, Path(tmp))
-        return hammer(port, data, args.concurrency, args.requests)
+        with tempfile.TemporaryDirectory() as tmp:
+            for i in range(args.slices):
+                samples.append(sample())
+                if client == "wrk":
+                    slices.append(hammer_wrk(port, data, args.concurrency, max(1, args.seconds // args.slices),
+                                             Path(tmp), warm_up=i == 0))
+                else:
+                    slices.append(hammer(port, data, args.concurrency, max(1, args.requests // args.slices)))
+            samples.append(sample())
     finally:
         proc.terminate()
         try:
@@ -263,6 +277,12 @@ def serve_and_load(args, workers: int, client: str, data: bytes) -> dict:
         except subprocess.TimeoutExpired:
             proc.kill()
             raise RuntimeError(f"the server with {workers} worker(s) did not stop within 20 s of SIGTERM") from None
+    merged = {k: sum(x[k] for x in slices) for k in ("requests", "errors", "seconds")}
+    merged.update(requests_per_s=merged["requests"] / merged["seconds"],
+                  p50_ms=statistics.median(x["p50_ms"] for x in slices),
+                  p90_ms=statistics.median(x["p90_ms"] for x in slices),
+                  p99_ms=max(x["p99_ms"] for x in slices), slices=len(slices), single_ms_samples=samples)
+    return merged
 
 
 def summarise(runs: list[dict], workers: list[int]) -> list[dict]:
@@ -285,13 +305,15 @@ def markdown(report: dict) -> str:
     lines = [f"# Server load test: {report['model']}", "",
              f"`python -m benchmarks.load`, {report['cores']} cores ({report['machine']}), image {report['image']} "
              f"({report['image_bytes']} bytes), {report['rounds']} round(s) of {report['seconds']} s per worker count. "
-             "Efficiency = requests/s / (cores / single-image time), where the single-image time (decode + "
-             "inference, 1 interpreter thread, median of 200 in the load-test process) is the mean of the "
-             "measurements right before and right after that server run: the speed of these shared cores drifts. "
+             "Efficiency = requests/s / (cores / single-image time). The speed of these shared cores drifts "
+             "(6.5 to 11.5 ms per image within minutes), so each run is cut into slices with the single-image time "
+             "(decode + inference, 1 interpreter thread, median of 100 in the load-test process, the server idle) "
+             "measured before every slice and after the last; that run's single-image time is the median of those "
+             "samples. p50/p90 of a run are the medians over its slices, p99 the worst slice's. "
              f"Without any server, {c['processes']} processes classifying the same image at once (1 thread each, "
              f"{c['seconds']:.0f} s) reach {c['images_per_s']:.0f} images/s, {c['over_ideal']:.2f} of the ideal "
-             f"from the first single-image time ({report['single_image_first_ms']:.2f} ms): what the cores give "
-             "when they are all busy.", "",
+             f"from the single-image times around that run ({c['single_ms_before']:.2f} / {c['single_ms_after']:.2f} "
+             "ms): what the cores give when they are all busy.", "",
              "| workers | rounds | median req/s | median efficiency | range | errors | worst p99/p50 |",
              "|---|---|---|---|---|---|---|"]
     for s in report["summary"]:
@@ -300,13 +322,14 @@ def markdown(report: dict) -> str:
                      f"{s['errors']} | {s['worst_p99_over_p50']:.2f} |")
     lines += ["", "Every run:", "",
               "| round | workers | client | concurrency | requests | errors | req/s | p50 ms | p90 ms | p99 ms | "
-              "p99/p50 | single ms before / after | ideal req/s | efficiency |",
+              "p99/p50 | single ms (samples' range) | ideal req/s | efficiency |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         lines.append(f"| {r['round']} | {r['workers']} | {r['client']} | {r['concurrency']} | {r['requests']} | "
                      f"{r['errors']} | {r['requests_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | "
-                     f"{r['p99_ms']:.1f} | {r['p99_over_p50']:.2f} | {r['single_ms_before']:.2f} / "
-                     f"{r['single_ms_after']:.2f} | {r['ideal_requests_per_s']:.0f} | {r['efficiency']:.2f} |")
+                     f"{r['p99_ms']:.1f} | {r['p99_over_p50']:.2f} | {r['single_ms']:.2f} "
+                     f"({min(r['single_ms_samples']):.2f}-{max(r['single_ms_samples']):.2f}) | "
+                     f"{r['ideal_requests_per_s']:.0f} | {r['efficiency']:.2f} |")
     return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":

@@ -171,32 +171,71 @@ def test_load_ceiling_runs_every_process_at_once(tiny_models):
         all_cores_images_per_s(tiny_models["uint8"], data, 1, seconds=0.2, settle=0.0)
 
 
-def test_load_efficiency_uses_the_single_image_time_around_each_run(tmp_path, monkeypatch):
-    """Each server run's ideal comes from the single-image times measured right before and after
-    it (the cores' speed drifts), every round is kept, and the summary gives medians over rounds."""
+def test_load_efficiency_uses_the_single_image_times_sampled_during_each_run(tmp_path, monkeypatch):
+    """Each server run's ideal comes from the median of the single-image times sampled between its
+    slices (the cores' speed drifts), every round is kept, and the summary gives medians over rounds."""
     from benchmarks import load
-    singles = iter([5.0, 4.0, 6.0, 8.0, 8.0, 10.0, 10.0])  # first, then (before, after) per run
+    singles = iter([5.0, 3.0])  # around the no-server ceiling
     monkeypatch.setattr(load, "warm_classifier", lambda model, data: object())
-    monkeypatch.setattr(load, "single_image_ms", lambda clf, data: {"p50_ms": next(singles), "runs": 200})
+    monkeypatch.setattr(load, "single_image_ms", lambda clf, data, runs=200: {"p50_ms": next(singles), "runs": runs})
     monkeypatch.setattr(load, "all_cores_images_per_s", lambda *a, **k: {
         "processes": 2, "seconds": 10.0, "images_per_process": [1, 1], "images": 2, "images_per_s": 390.0})
-    rps = iter([200.0, 180.0, 150.0])
-    monkeypatch.setattr(load, "serve_and_load", lambda args, w, client, data: {
-        "requests": 1000, "errors": 0, "seconds": 5.0, "requests_per_s": next(rps), "p50_ms": 50.0,
-        "p90_ms": 60.0, "p99_ms": 90.0})
+    runs = iter([(200.0, [4.0, 5.0, 9.0]), (180.0, [8.0, 8.0, 7.0]), (150.0, [10.0, 12.0, 10.0])])
+
+    def serve_and_load(args, w, client, data, sample):
+        rps, samples = next(runs)
+        return {"requests": 1000, "errors": 0, "seconds": 5.0, "requests_per_s": rps, "p50_ms": 50.0,
+                "p90_ms": 60.0, "p99_ms": 90.0, "slices": 2, "single_ms_samples": samples}
+    monkeypatch.setattr(load, "serve_and_load", serve_and_load)
     monkeypatch.setattr(load.os, "cpu_count", lambda: 2)
     assert load.main(["--workers", "2", "--rounds", "3", "--client", "python", "--out", str(tmp_path)]) == 0
     rep = json.loads((tmp_path / "load.json").read_text())
-    effs = [r["efficiency"] for r in rep["runs"]]
-    # ideal = 2 cores / mean(before, after): 400, 250, 200 requests/s
-    assert effs == pytest.approx([200 / 400, 180 / 250, 150 / 200])
+    # ideal = 2 cores / median of the samples: 400, 250, 200 requests/s
+    assert [r["efficiency"] for r in rep["runs"]] == pytest.approx([200 / 400, 180 / 250, 150 / 200])
     assert [r["round"] for r in rep["runs"]] == [1, 2, 3]
     s = rep["summary"][0]
     assert s["median_efficiency"] == pytest.approx(0.72) and s["min_efficiency"] == pytest.approx(0.5)
     assert s["median_requests_per_s"] == 180.0 and s["errors"] == 0 and s["worst_p99_over_p50"] == pytest.approx(1.8)
-    assert rep["all_cores_no_server"]["over_ideal"] == pytest.approx(390 / 400)
+    assert rep["all_cores_no_server"]["over_ideal"] == pytest.approx(390 / 500)  # 2 cores / 4 ms
     md = (tmp_path / "load.md").read_text()
     assert "| 2 | 3 | 180 | 0.72 | 0.50-0.75 | 0 | 1.80 |" in md and md.count("| python | 16 |") == 3
+
+
+def test_load_run_alternates_single_image_samples_and_load_slices(monkeypatch):
+    """serve_and_load: sample, slice, sample, slice, ..., sample; the slices merged (counts add
+    up, p50 the slices' median, p99 the worst); the server is stopped."""
+    import argparse
+    from benchmarks import load
+    events = []
+
+    class Proc:
+        def terminate(self):
+            events.append("stop")
+
+        def wait(self, timeout=None):
+            return 0
+    monkeypatch.setattr(load, "start_server", lambda model, workers, port: events.append("start") or Proc())
+    slices = iter([(100, 1, 40.0, 80.0), (120, 0, 50.0, 70.0), (90, 0, 45.0, 140.0)])
+
+    def fake_wrk(port, data, concurrency, seconds, tmp, warm_up=True):
+        n, err, p50, p99 = next(slices)
+        events.append(f"slice {seconds}s warm={warm_up}")
+        return {"requests": n, "errors": err, "seconds": 2.0, "requests_per_s": n / 2, "p50_ms": p50,
+                "p90_ms": p50 + 10, "p99_ms": p99}
+    monkeypatch.setattr(load, "hammer_wrk", fake_wrk)
+    samples = iter([6.0, 7.0, 8.0, 9.0])
+
+    def sample():
+        events.append("sample")
+        return next(samples)
+    args = argparse.Namespace(model="m.tflite", slices=3, seconds=7, concurrency=16, requests=2000)
+    r = load.serve_and_load(args, 2, "wrk", b"x", sample)
+    assert events == ["start", "sample", "slice 2s warm=True", "sample", "slice 2s warm=False", "sample",
+                      "slice 2s warm=False", "sample", "stop"]
+    assert r["single_ms_samples"] == [6.0, 7.0, 8.0, 9.0]
+    assert (r["requests"], r["errors"], r["seconds"]) == (310, 1, 6.0)
+    assert r["requests_per_s"] == pytest.approx(310 / 6.0)
+    assert r["p50_ms"] == 45.0 and r["p90_ms"] == 55.0 and r["p99_ms"] == 140.0
 
 
 def test_folder_throughput_report_times_every_setting_and_an_earlier_commit(tiny_models, tmp_path):
