@@ -1,5 +1,6 @@
 """Training end to end on a tiny synthetic set; config, resume and strategy selection."""
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -214,3 +215,38 @@ def test_leave_source_out_evaluation(tiny_run, tmp_path, isic_csv_dir):
         evaluate_external(tiny_run, None, [str(isic_csv_dir)])
     assert main(["--run", str(tiny_run), "--data", str(ext), "--out", str(tmp_path / "lso")]) == 0
     assert "external" in json.loads((tmp_path / "lso" / "metrics.json").read_text())
+
+
+def test_weight_average_of_runs_is_a_run_folder(tiny_run, tmp_path, capsys):
+    """train.soup averages the weights of runs on one split into a run folder that is evaluated
+    like a run (rule and threshold on validation); runs that differ are refused."""
+    import numpy as np
+    from train.pipeline import run
+    from train.rundir import load_keras_model
+    from train.soup import main as soup
+    cfg = TrainConfig.from_json(tiny_run / "config.json")
+    other = tmp_path / "other"
+    run(TrainConfig.from_dict({**cfg.to_dict(), "init_from": str(tiny_run), "epochs": 1, "out": str(other)}),
+        log=lambda s: None)
+    out = tmp_path / "soup"
+    assert soup([str(tiny_run), str(other), "--out", str(out)]) == 0
+    a, b, c = (load_keras_model(p / "model.h5").get_weights() for p in (tiny_run, other, out))
+    assert any(not np.allclose(x, y) for x, y in zip(a, b))  # two different ingredients
+    assert all(np.allclose(z, (x + y) / 2, atol=1e-6) for x, y, z in zip(a, b, c) if x.dtype.kind == "f")
+    m = json.loads((out / "metrics.json").read_text())
+    assert [i["run"] for i in m["soup"]["ingredients"]] == [str(tiny_run), str(other)]
+    assert m["val"]["all"]["n"] > 0 and "threshold" in m["threshold"] and m["melanoma_rule"]
+    assert (out / "splits.csv").read_bytes() == (tiny_run / "splits.csv").read_bytes()
+    assert "weight average: validation AUC" in capsys.readouterr().out
+    # refusals: an existing --out, one run, a run on another split
+    assert soup([str(tiny_run), str(other), "--out", str(out)]) == 2
+    assert soup([str(tiny_run), "--out", str(tmp_path / "one")]) == 2
+    seed1 = tmp_path / "seed1"
+    seed1.mkdir()
+    for f in ("model.h5", "metrics.json", "splits.csv"):
+        shutil.copy(other / f, seed1 / f)
+    (seed1 / "config.json").write_text(json.dumps({**json.loads((other / "config.json").read_text()), "seed": 1}))
+    assert soup([str(tiny_run), str(seed1), "--out", str(tmp_path / "s2")]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "at least two runs" in err and "differs from" in err and "seed" in err
+    assert not (tmp_path / "s2").exists()
