@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import DEFAULT_MODEL, DISCLAIMER, Classifier, ImageError, SidecarError
+from . import DEFAULT_MODEL, DISCLAIMER, Classifier, ImageError, SidecarError, read_sidecar
 from .preprocess import FORMAT_NAMES, IMAGE_SUFFIXES, DecodeLimits, MemoryBudget
 from .runner import usable_cores
 
@@ -255,6 +255,11 @@ def run_cli(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
     images, parallel, workers, threads = [], 1, 1, args.threads
     if args.command == "predict":
+        try:  # a missing or mismatched model is the first thing to hear about, before the inputs
+            read_sidecar(args.model, verify=False)
+        except SidecarError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
         images = expand_inputs(args.inputs)
         if not images:
             print("error: no images found in the given inputs", file=sys.stderr)

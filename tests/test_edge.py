@@ -198,6 +198,10 @@ def test_cli_usage_errors(tiny_models, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "model file not found" in err
+    # an empty folder and a missing model: the model is named first
+    assert edge_main(["predict", str(tmp_path), "--model", str(tmp_path / "none.tflite")]) == 2
+    err = capsys.readouterr().err
+    assert "model file not found" in err and "no images found" not in err
 
 
 def test_cli_info(tiny_models, capsys):
