@@ -211,6 +211,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if min(args.rounds, args.seconds, args.slices, args.requests) < 1:
         ap.error("--rounds, --seconds, --slices and --requests must be at least 1")
+    if args.seconds % args.slices or args.requests % args.slices:
+        ap.error("--seconds (wrk) and --requests (python client) must be multiples of --slices")
     import shutil
     client = ("wrk" if shutil.which("wrk") else "python") if args.client == "auto" else args.client
     if client == "wrk" and not shutil.which("wrk"):
@@ -233,7 +235,7 @@ def main(argv=None) -> int:
             ideal = cores / (single / 1000)
             r.update(round=rnd, workers=w, concurrency=args.concurrency, client=client, single_ms=single,
                      ideal_requests_per_s=ideal, efficiency=r["requests_per_s"] / ideal,
-                     p99_over_p50=r["p99_ms"] / r["p50_ms"])
+                     p99_over_p50=r["p99_ms"] / r["p50_ms"] if r["p50_ms"] > 0 else None)  # None: no answers
             runs.append(r)
             print(f"round {rnd}, workers {w}: {r['requests_per_s']:.0f} req/s, p50 {r['p50_ms']:.1f} ms, "
                   f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}, single image {single:.2f} ms "
@@ -242,7 +244,8 @@ def main(argv=None) -> int:
     summary = summarise(runs, args.workers)
     report = {"model": args.model.name, "image": args.image.name, "image_bytes": len(data), "cores": cores,
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
-              "rounds": args.rounds, "seconds": args.seconds, "slices": args.slices,
+              "rounds": args.rounds, "seconds": args.seconds, "requests": args.requests, "slices": args.slices,
+              "client": client,
               "all_cores_no_server": ceiling, "summary": summary, "runs": runs,
               "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -265,10 +268,10 @@ def serve_and_load(args, workers: int, client: str, data: bytes, sample) -> dict
             for i in range(args.slices):
                 samples.append(sample())
                 if client == "wrk":
-                    slices.append(hammer_wrk(port, data, args.concurrency, max(1, args.seconds // args.slices),
+                    slices.append(hammer_wrk(port, data, args.concurrency, args.seconds // args.slices,
                                              Path(tmp), warm_up=i == 0))
                 else:
-                    slices.append(hammer(port, data, args.concurrency, max(1, args.requests // args.slices)))
+                    slices.append(hammer(port, data, args.concurrency, args.requests // args.slices))
             samples.append(sample())
     finally:
         proc.terminate()
@@ -296,17 +299,28 @@ def summarise(runs: list[dict], workers: list[int]) -> list[dict]:
                     "min_efficiency": min(eff), "max_efficiency": max(eff),
                     "median_requests_per_s": statistics.median(r["requests_per_s"] for r in rs),
                     "errors": sum(r["errors"] for r in rs),
-                    "worst_p99_over_p50": max(r["p99_over_p50"] for r in rs)})
+                    "worst_p99_over_p50": None if any(r["p99_over_p50"] is None for r in rs)
+                    else max(r["p99_over_p50"] for r in rs)})
     return out
+
+
+def num(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
 
 
 def markdown(report: dict) -> str:
     c = report["all_cores_no_server"]
+    samples = [x for r in report["runs"] for x in r["single_ms_samples"]] or [c["single_ms_before"]]
+    lo, hi = min(samples), max(samples)
     lines = [f"# Server load test: {report['model']}", "",
              f"`python -m benchmarks.load`, {report['cores']} cores ({report['machine']}), image {report['image']} "
-             f"({report['image_bytes']} bytes), {report['rounds']} round(s) of {report['seconds']} s per worker count. "
-             "Efficiency = requests/s / (cores / single-image time). The speed of these shared cores drifts "
-             "(6.5 to 11.5 ms per image within minutes), so each run is cut into slices with the single-image time "
+             f"({report['image_bytes']} bytes), {report['rounds']} round(s) per worker count, each run "
+             f"{report['slices']} slices of " + (f"{report['seconds'] // report['slices']} s (wrk). "
+                                                 if report["client"] == "wrk" else
+                                                 f"{report['requests'] // report['slices']} requests. ") +
+             "Efficiency = requests/s / (cores / single-image time). The speed of shared cloud cores drifts "
+             f"(here the single-image samples of this report range from {lo:.2f} to {hi:.2f} ms), so each run is cut "
+             "into slices with the single-image time "
              "(decode + inference, 1 interpreter thread, median of 100 in the load-test process, the server idle) "
              "measured before every slice and after the last; that run's single-image time is the median of those "
              "samples. p50/p90 of a run are the medians over its slices, p99 the worst slice's. "
@@ -319,7 +333,7 @@ def markdown(report: dict) -> str:
     for s in report["summary"]:
         lines.append(f"| {s['workers']} | {s['rounds']} | {s['median_requests_per_s']:.0f} | "
                      f"{s['median_efficiency']:.2f} | {s['min_efficiency']:.2f}-{s['max_efficiency']:.2f} | "
-                     f"{s['errors']} | {s['worst_p99_over_p50']:.2f} |")
+                     f"{s['errors']} | {num(s['worst_p99_over_p50'], '.2f')} |")
     lines += ["", "Every run:", "",
               "| round | workers | client | concurrency | requests | errors | req/s | p50 ms | p90 ms | p99 ms | "
               "p99/p50 | single ms (samples' range) | ideal req/s | efficiency |",
@@ -327,7 +341,7 @@ def markdown(report: dict) -> str:
     for r in report["runs"]:
         lines.append(f"| {r['round']} | {r['workers']} | {r['client']} | {r['concurrency']} | {r['requests']} | "
                      f"{r['errors']} | {r['requests_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | "
-                     f"{r['p99_ms']:.1f} | {r['p99_over_p50']:.2f} | {r['single_ms']:.2f} "
+                     f"{r['p99_ms']:.1f} | {num(r['p99_over_p50'], '.2f')} | {r['single_ms']:.2f} "
                      f"({min(r['single_ms_samples']):.2f}-{max(r['single_ms_samples']):.2f}) | "
                      f"{r['ideal_requests_per_s']:.0f} | {r['efficiency']:.2f} |")
     return "\n".join(lines) + "\n"

@@ -255,8 +255,8 @@ def run_cli(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
     images, parallel, workers, threads = [], 1, 1, args.threads
     if args.command == "predict":
-        try:  # a missing or mismatched model is the first thing to hear about, before the inputs
-            read_sidecar(args.model, verify=False)
+        try:  # a missing, unreadable or mismatched model is the first thing to hear about, before the inputs
+            read_sidecar(args.model)
         except SidecarError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USAGE

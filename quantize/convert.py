@@ -197,7 +197,8 @@ def _finish_export(out_path, *, backbone, variant, quantization, cfg, run_metric
                                 f"{cfg['seed']}, val {cfg['val_fraction']}, test {cfg['test_fraction']}",
                        "split_counts": rows["split"].value_counts().to_dict(),
                        "converted_with": {"tensorflow": tf.__version__, "python": platform.python_version()}},
-        "config": cfg, "training_lineage": run_metrics.get("init_from"), **(extra or {}), "disclaimer": DISCLAIMER,
+        "config": cfg, "training_lineage": run_metrics.get("init_from"), **weight_average(run_metrics),
+        **(extra or {}), "disclaimer": DISCLAIMER,
     }
     refusals = fit_refusals(out_path, rows, pixels, cfg["seed"], threads)
     meta.update({k: v for k, v in refusals.items() if k != "refusal_metrics"})
@@ -205,6 +206,15 @@ def _finish_export(out_path, *, backbone, variant, quantization, cfg, run_metric
         meta["metrics"]["refusals"] = refusals["refusal_metrics"]
     write_sidecar(out_path, meta)
     return meta
+
+
+def weight_average(run_metrics: dict) -> dict:
+    """{"weight_average": ...} for a run made by train.soup (its ingredients by folder name), else {}."""
+    soup = run_metrics.get("soup")
+    if not soup:
+        return {}
+    return {"weight_average": {"method": soup["method"], "ingredients": [
+        {**i, "run": Path(i["run"]).name} for i in soup["ingredients"]]}}
 
 
 def calibrate(preds: pd.DataFrame, score_threshold: float) -> tuple[pd.DataFrame, dict]:

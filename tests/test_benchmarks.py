@@ -199,6 +199,10 @@ def test_load_efficiency_uses_the_single_image_times_sampled_during_each_run(tmp
     assert rep["all_cores_no_server"]["over_ideal"] == pytest.approx(390 / 500)  # 2 cores / 4 ms
     md = (tmp_path / "load.md").read_text()
     assert "| 2 | 3 | 180 | 0.72 | 0.50-0.75 | 0 | 1.80 |" in md and md.count("| python | 16 |") == 3
+    assert "range from 4.00 to 12.00 ms" in md and "5 slices of 400 requests" in md
+    with pytest.raises(SystemExit) as e:  # slices must divide the run evenly
+        load.main(["--seconds", "7", "--slices", "5", "--out", str(tmp_path)])
+    assert e.value.code == 2
 
 
 def test_load_run_alternates_single_image_samples_and_load_slices(monkeypatch):

@@ -238,15 +238,60 @@ def test_weight_average_of_runs_is_a_run_folder(tiny_run, tmp_path, capsys):
     assert m["val"]["all"]["n"] > 0 and "threshold" in m["threshold"] and m["melanoma_rule"]
     assert (out / "splits.csv").read_bytes() == (tiny_run / "splits.csv").read_bytes()
     assert "weight average: validation AUC" in capsys.readouterr().out
-    # refusals: an existing --out, one run, a run on another split
-    assert soup([str(tiny_run), str(other), "--out", str(out)]) == 2
+    # refusals, each before anything is written or deleted
+    assert soup([str(tiny_run), str(other), "--out", str(out)]) == 2  # exists, no --force
     assert soup([str(tiny_run), "--out", str(tmp_path / "one")]) == 2
-    seed1 = tmp_path / "seed1"
-    seed1.mkdir()
-    for f in ("model.h5", "metrics.json", "splits.csv"):
-        shutil.copy(other / f, seed1 / f)
-    (seed1 / "config.json").write_text(json.dumps({**json.loads((other / "config.json").read_text()), "seed": 1}))
-    assert soup([str(tiny_run), str(seed1), "--out", str(tmp_path / "s2")]) == 2
+    assert soup([str(tiny_run), str(tiny_run) + "/", "--out", str(tmp_path / "twice")]) == 2
+
+    def variant(name, **change):
+        d = tmp_path / name
+        d.mkdir()
+        for f in ("model.h5", "metrics.json", "splits.csv"):
+            shutil.copy(other / f, d / f)
+        (d / "config.json").write_text(json.dumps({**json.loads((other / "config.json").read_text()), **change}))
+        return d
+    assert soup([str(tiny_run), str(variant("seed1", seed=1)), "--out", str(tmp_path / "s2")]) == 2
+    assert soup([str(tiny_run), str(variant("size", image_size=48)), "--out", str(tmp_path / "s2")]) == 2
+    moved = variant("split")
+    (moved / "splits.csv").write_text((moved / "splits.csv").read_text().replace(",train,", ",val,", 1))
+    assert soup([str(tiny_run), str(moved), "--out", str(tmp_path / "s2")]) == 2
+    assert soup([str(tiny_run), str(other), "--out", str(other), "--force"]) == 2  # a run itself
+    assert soup([str(tiny_run), str(other), "--out", str(tmp_path), "--force"]) == 2  # holds a run
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    assert soup([str(tiny_run), str(other), "--out", str(keep), "--force"]) == 2  # not a weight average
     err = capsys.readouterr().err
-    assert "not empty" in err and "at least two runs" in err and "differs from" in err and "seed" in err
-    assert not (tmp_path / "s2").exists()
+    for message in ("not empty", "at least two different runs", "differs from", "seed", "image_size",
+                    "split differs", "holds or sits inside", "not a weight average"):
+        assert message in err, message
+    assert not (tmp_path / "s2").exists() and (keep / "notes.txt").read_text() == "mine"
+    assert other.joinpath("model.h5").is_file() and tiny_run.joinpath("model.h5").is_file()
+
+
+def test_weight_average_failure_leaves_nothing_and_force_replaces_its_own(tiny_run, tmp_path, monkeypatch):
+    import train.pipeline
+    from train.soup import main as soup
+    other = tmp_path / "copy"
+    shutil.copytree(tiny_run, other)
+    out = tmp_path / "soup"
+
+    def boom(*a, **k):
+        raise RuntimeError("evaluation failed")
+    with monkeypatch.context() as m:
+        m.setattr(train.pipeline, "evaluate_run", boom)
+        with pytest.raises(RuntimeError):
+            soup([str(tiny_run), str(other), "--out", str(out)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no soup, no temporary folder
+    assert soup([str(tiny_run), str(other), "--out", str(out)]) == 0
+    (out / "stale.txt").write_text("from before")
+    assert soup([str(tiny_run), str(other), "--out", str(out), "--force"]) == 0
+    assert not (out / "stale.txt").exists() and (out / "metrics.json").is_file()
+
+
+def test_exported_weight_average_names_its_ingredients():
+    from quantize.convert import weight_average
+    assert weight_average({"init_from": None}) == {}
+    got = weight_average({"soup": {"method": "uniform mean", "ingredients": [
+        {"run": "/abs/runs/a", "val_auc": 0.9}, {"run": "runs/b", "val_auc": 0.91}]}})
+    assert [i["run"] for i in got["weight_average"]["ingredients"]] == ["a", "b"]

@@ -20,16 +20,18 @@ from pathlib import Path
 
 EXIT_OK, EXIT_USAGE = 0, 2
 # Config fields that must be equal for weights to be averaged and the soup evaluated on one split.
-MUST_MATCH = ("data", "layout", "val_fraction", "test_fraction", "honour_split", "backbone", "image_size", "resize",
-              "color_constancy", "target", "seed", "limit")
+MUST_MATCH = ("data", "layout", "val_fraction", "test_fraction", "honour_split", "backbone", "weights", "image_size",
+              "resize", "color_constancy", "target", "seed", "limit")
 COPIED = ("splits.csv", "split_summary.csv", "problems.csv")
 
 
 def check_runs(runs: list[Path]) -> dict:
     """The first run's config; ValueError unless every run is complete and matches it on
     MUST_MATCH and on its saved split."""
-    if len(runs) < 2:
-        raise ValueError("a weight average needs at least two runs")
+    if len({r.resolve() for r in runs}) < 2:
+        raise ValueError("a weight average needs at least two different runs")
+    if len({r.resolve() for r in runs}) < len(runs):
+        raise ValueError("a run is named twice")
     for r in runs:
         missing = [f for f in ("config.json", "model.h5", "metrics.json", "splits.csv") if not (r / f).is_file()]
         if missing:
@@ -63,15 +65,56 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def make_soup(runs: list[Path], out: Path, log=print) -> dict:
-    """Average, save, evaluate; returns the metrics written to <out>/metrics.json."""
+def check_out(runs: list[Path], out: Path, force: bool) -> None:
+    """ValueError unless `out` may be (re)written: not a file, not one of the runs, not inside one,
+    holding none; an existing non-empty folder only with `force`, and only if it is a weight
+    average this tool wrote (nothing else is ever deleted)."""
+    target = out.resolve()
+    for r in runs:
+        r = r.resolve()
+        if target == r or r in target.parents or target in r.parents:
+            raise ValueError(f"--out {out} is, holds or sits inside the run {r}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ValueError(f"{out} is not empty; use --force to replace it, or another --out")
+        if not is_soup(out):
+            raise ValueError(f"{out} is not a weight average written by python -m train.soup: not replaced")
+
+
+def is_soup(folder: Path) -> bool:
+    try:
+        return "soup" in json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def make_soup(runs: list[Path], out: Path, log=print, force: bool = False) -> dict:
+    """Average, save, evaluate; returns the metrics written to <out>/metrics.json. Built in a
+    temporary folder beside `out` that replaces it only once complete: a failure leaves nothing."""
+    import tempfile
+    first = check_runs(runs)
+    check_out(runs, out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        metrics = _make_soup(runs, first, tmp, out, log)
+        if out.exists():
+            shutil.rmtree(out)  # check_out: a weight average of ours, replaced with --force
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return metrics
+
+
+def _make_soup(runs: list[Path], first: dict, out: Path, final: Path, log) -> dict:
     from .config import TrainConfig
     from .evaluate import summary_line
     from .pipeline import evaluate_run
     from .rundir import load_keras_model, load_run_data, save_keras_model
-    first = check_runs(runs)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = TrainConfig.from_dict({**first, "out": str(out), "init_from": None})
+    cfg = TrainConfig.from_dict({**first, "out": str(final), "init_from": None})
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     for name in COPIED:
         if (runs[0] / name).is_file():
@@ -107,17 +150,10 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path, help="run folders written by python -m train")
     ap.add_argument("--out", type=Path, required=True, help="the new run folder")
-    ap.add_argument("--force", action="store_true", help="replace --out if it holds a run")
+    ap.add_argument("--force", action="store_true", help="replace --out if it holds a weight average written by this tool")
     args = ap.parse_args(argv)
     try:
-        check_runs(args.runs)
-        if any(args.out.resolve() == r.resolve() for r in args.runs):
-            raise ValueError(f"--out {args.out} is one of the runs averaged")
-        if args.out.exists() and any(args.out.iterdir()):
-            if not args.force:
-                raise ValueError(f"{args.out} is not empty; use --force to replace it, or another --out")
-            shutil.rmtree(args.out)
-        make_soup(args.runs, args.out)
+        make_soup(args.runs, args.out, force=args.force)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
