@@ -50,6 +50,10 @@ def test_workers_share_one_port_and_stop_together(tiny_models):
             assert set(pool.map(call, range(64))) == {200}
         busy = [int(Path(f"/proc/{w}/stat").read_text().split()[13]) for w in workers]  # user CPU ticks
         assert all(t > 0 for t in busy), busy  # both processes did work
+        import os
+        if len(os.sched_getaffinity(0)) >= 2:  # one interpreter thread each: each worker keeps to its own core
+            pinned = [os.sched_getaffinity(w) for w in workers]
+            assert all(len(c) == 1 for c in pinned) and pinned[0] != pinned[1], pinned
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
@@ -88,3 +92,11 @@ def test_sigterm_stops_a_server_started_with_sigint_ignored(tiny_models, workers
             proc.kill()
     assert proc.returncode == 0, err
     assert all(not Path(f"/proc/{w}").exists() for w in workers_pids)
+
+
+def test_worker_cores_one_each_while_there_are_enough(monkeypatch):
+    import os
+    from server.__main__ import worker_cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 5, 7}, raising=False)
+    assert worker_cores(2) == [2, 5] and worker_cores(3) == [2, 5, 7]
+    assert worker_cores(4) == [None] * 4  # more workers than cores: the scheduler decides
