@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cpu", type=int, default=None, help=argparse.SUPPRESS)  # the core a worker process keeps to
     ap.add_argument("--pin-cores", action=argparse.BooleanOptionalAction, default=True, help=(
         "with --workers up to the number of usable cores, keep each worker process on its own core (fewer "
-        "migrations between cores: measured +3-4 %% requests/s at 2 workers on 2 cores); default on"))
+        "migrations between cores); default on"))
     ap.add_argument("--max-upload-mb", type=positive(float), default=10, help="upload size limit (default 10 MB)")
     ap.add_argument("--client-grace", type=positive(float), default=10.0, help=(
         "seconds any request may take to start arriving; after that each such window must bring "
