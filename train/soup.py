@@ -12,7 +12,6 @@ Exit status: 0 done, 2 bad usage (fewer than two runs, a missing run, runs that 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -61,10 +60,6 @@ def average_weights(models) -> list:
     return out
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def check_out(runs: list[Path], out: Path, force: bool) -> None:
     """ValueError unless `out` may be (re)written: not a file, not one of the runs, not inside one,
     holding none; an existing non-empty folder only with `force`, and only if it is a weight
@@ -110,6 +105,7 @@ def make_soup(runs: list[Path], out: Path, log=print, force: bool = False) -> di
 
 
 def _make_soup(runs: list[Path], first: dict, out: Path, final: Path, log) -> dict:
+    from edge import sha256_of
     from .config import TrainConfig
     from .evaluate import summary_line
     from .pipeline import evaluate_run
@@ -128,7 +124,7 @@ def _make_soup(runs: list[Path], first: dict, out: Path, final: Path, log) -> di
     ingredients = []
     for r in runs:
         m = json.loads((r / "metrics.json").read_text())
-        ingredients.append({"run": str(r), "model_sha256": sha256(r / "model.h5"),
+        ingredients.append({"run": str(r), "model_sha256": sha256_of(r / "model.h5"),
                             "val_auc": m["val"]["all"]["roc_auc"], "melanoma_rule": m.get("melanoma_rule")})
     base = json.loads((runs[0] / "metrics.json").read_text())
     metrics = {"model": f"{cfg.backbone} (Keras float32, uniform weight average of {len(runs)} runs)", **report,
