@@ -2,7 +2,8 @@
 when installed) or a threaded Python client (`--client python`), with the model's own
 single-image time (decode + inference, 1 thread) measured in the same run.
 
-    python -m benchmarks.load [--workers 1 2] [--concurrency 16] [--seconds 20] [--rounds 3] [--image PATH]
+    python -m benchmarks.load [--workers 1 2] [--concurrency 16] [--seconds 20] [--rounds 3] [--slices 5]
+                              [--image PATH]
 
 For each worker count: requests/s, p50/p90/p99 latency and errors at the given concurrency, and
 the efficiency ratio requests/s / (cores / single-image time), the ideal being 1. The speed of a
@@ -58,10 +59,9 @@ def warm_classifier(model: Path, data: bytes):
     return clf
 
 
-def single_image_ms(model, data: bytes, runs: int = 200) -> dict:
-    """Median decode + inference time of one upload, one interpreter thread, in this process.
-    `model` is a model path or a warm 1-thread Classifier."""
-    clf = warm_classifier(model, data) if isinstance(model, (str, Path)) else model
+def single_image_ms(clf, data: bytes, runs: int = 200) -> dict:
+    """Median decode + inference time of one upload on `clf` (a warm 1-thread Classifier, from
+    `warm_classifier`), in this process."""
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
