@@ -105,7 +105,7 @@ def all_cores_images_per_s(model: Path, data: bytes, processes: int, seconds: fl
 def start_server(model: Path, workers: int, port: int) -> subprocess.Popen:
     log = open(os.devnull, "w")  # waitress logs queue depth under load: an unread pipe would fill and stall it
     proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(model), "--port", str(port),
-                             "--workers", str(workers), "--threads", "8"], cwd=REPO,
+                             "--workers", str(workers)], cwd=REPO,
                             stdout=log, stderr=log)
     for _ in range(200):
         try:
@@ -314,7 +314,9 @@ def markdown(report: dict) -> str:
     lo, hi = min(samples), max(samples)
     lines = [f"# Server load test: {report['model']}", "",
              f"`python -m benchmarks.load`, {report['cores']} cores ({report['machine']}), image {report['image']} "
-             f"({report['image_bytes']} bytes), {report['rounds']} round(s) per worker count, each run "
+             f"({report['image_bytes']} bytes), server `python -m server --workers N` with its default flags "
+             "(one waitress thread and one interpreter thread per worker process when N > 1), "
+             f"{report['rounds']} round(s) per worker count, each run "
              f"{report['slices']} slices of " + (f"{report['seconds'] // report['slices']} s (wrk). "
                                                  if report["client"] == "wrk" else
                                                  f"{report['requests'] // report['slices']} requests. ") +

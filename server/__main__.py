@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(bad flag, missing or mismatched model, port in use)."))
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for the LAN)")
     ap.add_argument("--port", type=port_number, default=8000, help="port, 1-65535 (default 8000)")
-    ap.add_argument("--threads", type=positive(int), default=4, help="waitress worker threads (default 4)")
+    ap.add_argument("--threads", type=positive(int), default=None, help=(
+        "waitress worker threads per process (default: 1 in each of several worker processes, where "
+        "more threads only take turns on the worker's one core's worth of work; 4 in a single process)"))
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default {DEFAULT_MODEL.name})")
     ap.add_argument("--model-threads", type=positive(int), default=None, help=(
         "TFLite interpreter threads per process (default: the cores divided among the workers, at least 1)"))
@@ -98,6 +100,14 @@ def port_problem(host: str, port: int) -> str | None:
                errno.EADDRNOTAVAIL: "is not an address of this machine"}.get(e.errno, f"cannot be used ({e.strerror})")
         return f"error: {host}:{port} {why}; pick another with --host/--port"
     return None
+
+
+def default_threads(args) -> int:
+    """waitress threads when --threads is not given: 1 in a worker of `--workers N` with one
+    interpreter thread (a second handler thread would only take turns with the first on the same
+    core, and every switch costs), 4 in a single process (one upload is decoded while another is
+    classified)."""
+    return 1 if args.reuse_port and args.model_threads == 1 else 4
 
 
 def worker_cores(workers: int) -> list[int | None]:
@@ -171,6 +181,8 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     if args.model_threads is None:
         args.model_threads = max(1, usable_cores() // args.workers)
+    if args.threads is None:
+        args.threads = default_threads(args)
     keep_to_core(args.cpu)  # before the interpreter and waitress start their threads
     try:
         from .app import create_app
@@ -203,7 +215,8 @@ def main(argv=None) -> int:
         print(f"error: {args.host}:{args.port} {why}; pick another with --host/--port", file=sys.stderr)
         return EXIT_USAGE
     print(f"serving {Path(args.model).name} on http://{args.host}:{args.port}/ "
-          f"(waitress, {args.threads} threads{', worker process ' + str(os.getpid()) if args.reuse_port else ''})",
+          f"(waitress, {args.threads} thread{'s' * (args.threads != 1)}"
+          f"{', worker process ' + str(os.getpid()) if args.reuse_port else ''})",
           flush=True)
     # SIGTERM (the supervisor, systemd, docker stop, the load test) stops it like Ctrl-C does; a
     # process started in the background by a shell has SIGINT ignored, so SIGTERM is the one to use

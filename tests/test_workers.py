@@ -59,6 +59,8 @@ def test_workers_share_one_port_and_stop_together(tiny_models):
         out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert "2 worker processes" in out
+    assert out.count("(waitress, 1 thread, worker process") == 2, out  # one handler thread per worker by default
+    assert "Task queue depth" not in err  # a queue is the normal state with one thread: not logged per request
     assert all(not Path(f"/proc/{w}").exists() for w in workers)
 
 
@@ -100,3 +102,34 @@ def test_worker_cores_one_each_while_there_are_enough(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 5, 7}, raising=False)
     assert worker_cores(2) == [2, 5] and worker_cores(3) == [2, 5, 7]
     assert worker_cores(4) == [None] * 4  # more workers than cores: the scheduler decides
+
+
+def test_default_threads_one_per_worker_four_in_a_single_process():
+    from server.__main__ import build_parser, default_threads
+    worker = build_parser().parse_args(["--workers", "1", "--reuse-port", "--model-threads", "1"])
+    single = build_parser().parse_args(["--workers", "1", "--model-threads", "2"])
+    assert default_threads(worker) == 1 and default_threads(single) == 4
+    wide = build_parser().parse_args(["--workers", "1", "--reuse-port", "--model-threads", "2"])
+    assert default_threads(wide) == 4  # a worker whose interpreter spans cores decodes while it classifies
+
+
+def test_main_loop_leaves_a_running_tasks_output_to_the_task():
+    """While a request's task runs, the loop does not poll its connection for writing (the task
+    sends its own output): waitress's own rule made it spin about 30 empty turns per request on
+    the worker's one core. It still does once the task is done, over the high watermark (the task
+    waits for the loop there) or when the connection is closing."""
+    from types import SimpleNamespace
+
+    from server.serving import GuardedChannel
+    ch = object.__new__(GuardedChannel)
+    ch.adj = SimpleNamespace(outbuf_high_watermark=1000)
+    ch.requests, ch.total_outbufs_len = [object()], 500
+    assert not ch.writable()  # a task is running and sends its own output
+    ch.total_outbufs_len = 1001
+    assert ch.writable()  # over the watermark: the task waits for the loop to flush
+    ch.total_outbufs_len, ch.close_when_flushed = 500, True
+    assert ch.writable()
+    ch.close_when_flushed, ch.requests = False, []
+    assert ch.writable()  # the task is done: the loop sends what is left
+    ch.total_outbufs_len = 0
+    assert not ch.writable()
