@@ -22,8 +22,8 @@ from edge import MODELS_DIR
 from edge.runner import DEFAULT_MODEL
 from train.config import WORKSPACE
 
-from .measure import (REPO, bench_extras, bench_keras, bench_onnx, bench_tflite, cold_start, file_sizes, machine, peak_gflops,
-                      run_child)
+from .measure import (REPO, bench_extras, bench_keras, bench_onnx, bench_scaling, bench_tflite, cold_start, file_sizes,
+                      machine, peak_gflops, run_child)
 
 MODELS = MODELS_DIR  # models/ in a checkout, edge/models when installed
 REPORTS = WORKSPACE / "reports"
@@ -174,6 +174,11 @@ def run_latency(models: list[Path], threads: list[int], runs: int, warmup: int, 
             entry["by_threads"][str(t)] = r
             log(f"{path.name} threads={t}: p50 {r['latency_ms_p50']:.2f} ms, p99 {r['latency_ms_p99']:.2f} ms, "
                 f"init {r['init_ms']:.0f} ms, peak RSS {r['peak_memory_mb']:.0f} MB")
+        if len(threads) > 1:
+            entry["scaling"] = run_child("scaling", path=str(path), threads=threads, runs=runs, warmup=warmup)
+            log(f"{path.name} thread scaling (interleaved): " + ", ".join(
+                f"{t} threads {p:.2f} ms (x{entry['scaling']['speedup'][t]:.2f})"
+                for t, p in entry["scaling"]["p50_ms"].items()))
         report["models"].append(entry)
         macs.setdefault(meta["model"], 0)
     default = MODELS / DEFAULT_MODEL.name
@@ -218,6 +223,20 @@ def latency_markdown(report: dict) -> str:
                          f"{r['init_ms']:.0f} | {r['first_inference_ms']:.1f} | {r['latency_ms_p50']:.2f} | "
                          f"{r['latency_ms_p90']:.2f} | {r['latency_ms_p99']:.2f} | {r['peak_memory_mb']:.0f} | "
                          f"{r.get('achieved_gflops', 0):.1f} | {100 * r.get('fraction_of_peak', 0):.1f} |")
+    scaled = [e for e in report["models"] if "scaling" in e]
+    if scaled:
+        ts = scaled[0]["scaling"]["threads"]
+        lines += ["", "## Thread scaling (interleaved in one process)", "",
+                  "The table above runs every thread count in its own process, one after the other, so the "
+                  "machine's drift between them weighs on small differences. Here one process holds an "
+                  "interpreter per thread count and times them in turn (same runs and warm-up): p50 and speed-up "
+                  f"over {ts[0]} thread(s).", "",
+                  "| file | " + " | ".join(f"{t} thread(s) p50 ms" for t in ts) + " | " +
+                  " | ".join(f"speed-up at {t}" for t in ts[1:]) + " |", "|---|" + "---|" * (2 * len(ts) - 1)]
+        for e in scaled:
+            sc = e["scaling"]
+            lines.append(f"| {e['file']} | " + " | ".join(f"{sc['p50_ms'][str(t)]:.2f}" for t in ts) + " | " +
+                         " | ".join(f"{sc['speedup'][str(t)]:.2f}x" for t in ts[1:]) + " |")
     if report["baselines"]:
         lines += ["", "## Baselines (same run)", "", "| baseline | threads | init ms | first ms | p50 ms | p90 ms | p99 ms | peak RSS MB |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -421,7 +440,8 @@ def main(argv=None) -> int:
         kind, kw = argv[1], json.loads(argv[2])
         fn = {"tflite": lambda: bench_tflite(Path(kw["path"]), kw["threads"], kw["runs"], kw["warmup"]),
               "keras": lambda: bench_keras(**kw), "onnx": lambda: bench_onnx(**kw),
-              "extras": lambda: bench_extras(Path(kw["path"]), kw["threads"], kw["runs"], kw["warmup"])}[kind]
+              "extras": lambda: bench_extras(Path(kw["path"]), kw["threads"], kw["runs"], kw["warmup"]),
+              "scaling": lambda: bench_scaling(Path(kw["path"]), kw["threads"], kw["runs"], kw["warmup"])}[kind]
         print(json.dumps(fn()))
         return 0
     args = build_parser().parse_args(argv)

@@ -131,6 +131,28 @@ def bench_tflite(path: Path, threads: int, runs: int, warmup: int) -> dict:
             "peak_memory_mb": peak_rss_mb(), "backend": backend}
 
 
+def bench_scaling(path: Path, threads: list[int], runs: int, warmup: int) -> dict:
+    """One interpreter per thread count in one process, timed in turn (`time_alternately`): the
+    speed-up over the first thread count, free of the drift between the separate processes of
+    `bench_tflite` (a second thread gains ~0.3 ms on a 1 ms model, about this machine's drift)."""
+    from edge import make_interpreter
+    calls = []
+    for t in threads:
+        it, _ = make_interpreter(path, t)
+        d = it.get_input_details()[0]
+        x = np.random.default_rng(0).integers(0, 256, d["shape"]).astype(d["dtype"]) \
+            if np.issubdtype(d["dtype"], np.integer) else np.random.default_rng(0).uniform(0, 255, d["shape"]).astype(d["dtype"])
+
+        def invoke(it=it, d=d, x=x):
+            it.set_tensor(d["index"], x)
+            it.invoke()
+        calls.append(invoke)
+    stats = time_alternately(calls, runs, warmup)
+    base = stats[0]["latency_ms_p50"]
+    return {"threads": threads, "p50_ms": {str(t): r["latency_ms_p50"] for t, r in zip(threads, stats)},
+            "speedup": {str(t): base / r["latency_ms_p50"] for t, r in zip(threads, stats)}}
+
+
 def bench_keras(backbone: str, image_size: int, threads: int, runs: int, warmup: int) -> dict:
     """The float Keras model at batch 1, `model(x, training=False)`. Latency does not depend on
     the weight values, so the architecture is built from the registry (weights=None)."""

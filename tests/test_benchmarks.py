@@ -30,8 +30,11 @@ def test_latency_and_tradeoff_reports(tiny_models, tmp_path):
         r = e["by_threads"]["1"]
         assert r["count"] == 100 and r["latency_ms_p50"] <= r["latency_ms_p90"] <= r["latency_ms_p99"]
         assert r["peak_memory_mb"] > 0 and r["init_ms"] > 0
+        sc = e["scaling"]  # 1 and 2 threads timed in turn in one process
+        assert sc["threads"] == [1, 2] and sc["speedup"]["1"] == 1.0 and sc["p50_ms"]["2"] > 0
+        assert sc["speedup"]["2"] == pytest.approx(sc["p50_ms"]["1"] / sc["p50_ms"]["2"])
     md = (out / "latency.md").read_text()
-    assert "p99 ms" in md and lat["machine"]["cpu"] in md
+    assert "p99 ms" in md and lat["machine"]["cpu"] in md and "Thread scaling (interleaved" in md
     trade = json.loads((out / "tradeoff.json").read_text())
     assert [r["file"] for r in trade["rows"]] == [p.name for p in files]
     assert all("latency_ms_p50" in r and "roc_auc_ci95" in r for r in trade["rows"])
