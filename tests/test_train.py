@@ -295,3 +295,30 @@ def test_exported_weight_average_names_its_ingredients():
     got = weight_average({"soup": {"method": "uniform mean", "ingredients": [
         {"run": "/abs/runs/a", "val_auc": 0.9}, {"run": "runs/b", "val_auc": 0.91}]}})
     assert [i["run"] for i in got["weight_average"]["ingredients"]] == ["a", "b"]
+
+
+def test_train_seed_changes_training_not_the_split(tiny_run, tmp_path, monkeypatch):
+    """--train-seed seeds shuffling, augmentation and initialisation; the split keeps --seed, so
+    such runs can be averaged (train.soup checks `seed`, not `train_seed`)."""
+    import train.loop as L
+    import train.pipeline as P
+    from train.__main__ import build_parser, config_from_args
+    cfg = TrainConfig.from_json(tiny_run / "config.json")
+    assert cfg.train_seed is None and cfg.training_seed == cfg.seed == 0
+    parsed = config_from_args(build_parser().parse_args(["--train-seed", "5", "--out", str(tmp_path / "x")]))
+    assert parsed.train_seed == 5 and parsed.training_seed == 5 and parsed.seed == 0
+    seen = {"set_seeds": [], "dataset": []}
+    set_seeds, dataset = P.set_seeds, L.distributed_dataset
+    monkeypatch.setattr(P, "set_seeds", lambda s: (seen["set_seeds"].append(s), set_seeds(s))[1])
+
+    def recording_dataset(strategy, pixels, y, idx, batch, seed, *a, **k):
+        seen["dataset"].append(seed)
+        return dataset(strategy, pixels, y, idx, batch, seed, *a, **k)
+    monkeypatch.setattr(L, "distributed_dataset", recording_dataset)
+    out = tmp_path / "seed5"
+    P.run(TrainConfig.from_dict({**cfg.to_dict(), "train_seed": 5, "epochs": 1, "out": str(out)}), log=lambda s: None)
+    assert seen["set_seeds"] == [5] and seen["dataset"] and set(seen["dataset"]) == {5}
+    assert (out / "splits.csv").read_bytes() == (tiny_run / "splits.csv").read_bytes()
+    assert json.loads((out / "config.json").read_text())["train_seed"] == 5
+    from train.soup import check_runs
+    assert check_runs([tiny_run, out])["seed"] == 0  # same split: a weight average is allowed

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.name in CHOICES:
             ap.add_argument(flag, dest=f.name, choices=[c for c in CHOICES[f.name] if c], default=None, help=text)
         else:
-            kind = {int: int, float: float}.get(hint, str)
+            base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # int | None -> int
+            kind = {int: int, float: float}.get(base, str)
             ap.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
     return ap
 

@@ -60,6 +60,7 @@ class TrainConfig:
     bootstrap: int = 1000  # resamples for the AUC interval
     # run
     seed: int = 0
+    train_seed: int | None = None  # shuffling, augmentation and initialisation; None: `seed`
     out: str = ""  # "": runs/<backbone> in the workspace (set in __post_init__)
     workers: int = 2  # image decoding processes for the pixel cache
     limit: int = 0  # use only this many images (tests, smoke runs); 0 = all
@@ -86,6 +87,12 @@ class TrainConfig:
         """A config saved by a run or a sidecar: options it predates take the value they had
         then (binary target, no colour constancy), not today's defaults."""
         return cls.from_dict({**LEGACY, **d})
+
+    @property
+    def training_seed(self) -> int:
+        """The seed of everything random in training (the split keeps `seed`): runs that differ
+        only in it share their split, so their weights can be averaged (`python -m train.soup`)."""
+        return self.seed if self.train_seed is None else self.train_seed
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -155,7 +162,9 @@ HELP = {  # --help text per field (the comments above, for the command line)
     "patience": "early stopping patience on validation ROC AUC", "class_weighting": "loss weights per class",
     "augment": "flips, 90-degree rotations, random resized crops, colour jitter",
     "target_sensitivity": "the threshold is chosen on validation for this sensitivity",
-    "bootstrap": "bootstrap resamples for the AUC interval", "seed": "seed of the split, shuffling and augmentation",
+    "bootstrap": "bootstrap resamples for the AUC interval", "seed": "seed of the split (and of training, unless --train-seed)",
+    "train_seed": "seed of shuffling, augmentation and initialisation only (the split keeps --seed), e.g. several "
+                  "runs on one split for a weight average",
     "out": "run folder, runs/<backbone> when not given (refused if it holds a run, unless --resume or --force)",
     "workers": "image decoding processes for the pixel cache",
     "limit": "use only this many images (smoke runs); 0 = all",

@@ -55,7 +55,7 @@ def restore(manager: tf.train.CheckpointManager, ckpt, history: Path, metric: st
 
 
 def run_epoch(train_step, strategy, data: TrainingData, cfg: TrainConfig, epoch: int) -> float:
-    dataset, steps = distributed_dataset(strategy, data.pixels, data.y, data.train_idx, cfg.batch_size, cfg.seed, epoch,
+    dataset, steps = distributed_dataset(strategy, data.pixels, data.y, data.train_idx, cfg.batch_size, cfg.training_seed, epoch,
                                          dx=data.dx)
     losses = []
     with tqdm(total=steps * cfg.batch_size, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img", mininterval=20,
@@ -87,7 +87,7 @@ def fine_tune(cfg: TrainConfig, model: keras.Model, num_blocks: int, data: Train
         sched = lr_schedule(cfg.lr, int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
         opt = keras.optimizers.Adam(sched)
         ema = EMA(model.trainable_variables, cfg.ema_decay) if cfg.ema_decay else None
-        gen = tf.random.Generator.from_seed(cfg.seed)
+        gen = tf.random.Generator.from_seed(cfg.training_seed)
     train_step = make_train_step(model, opt, strategy, global_batch=cfg.batch_size,
                                  class_weight=class_weights(data.y[data.train_idx], cfg.class_weighting),
                                  weight_decay=cfg.weight_decay, augment_gen=gen if cfg.augment else None, ema=ema,

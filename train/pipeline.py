@@ -76,7 +76,7 @@ def run(cfg: TrainConfig, resume: bool = False, force: bool = False, log=print) 
     """Train and evaluate; returns the metrics written to <out>/metrics.json."""
     cfg.validate()
     run_dir = R.prepare_run_dir(cfg, resume, force)
-    set_seeds(cfg.seed)
+    set_seeds(cfg.training_seed)
     t_total = time.time()
     # -- data
     rows, pixels, provenance, problems = R.prepare_data(cfg, log)
