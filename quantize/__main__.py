@@ -75,7 +75,7 @@ def prune(run: Run, sparsity: float, epochs: int, lr: float):
     steps = (len(run.index("train")) // cfg.batch_size) * epochs
     pruned = P.apply_pruning(run.model, cfg.backbone, first, sparsity, 0, max(1, int(steps * 0.8)))
     t0 = time.time()
-    P.fine_tune_pruned(pruned, run.pixels, run.y, run.index("train"), epochs, lr, cfg.batch_size, cfg.seed,
+    P.fine_tune_pruned(pruned, run.pixels, run.y, run.index("train"), epochs, lr, cfg.batch_size, cfg.training_seed,
                        cfg.class_weighting, dx=run.dx)
     stripped = P.strip(pruned)
     save_keras_model(stripped, run.path / "pruned.h5")
@@ -99,7 +99,8 @@ def qat(run: Run, images: int, lr: float, epochs: int, calibration: int):
     cfg = run.cfg
     t0 = time.time()
     model, done = quantize_aware(run.model, run.pixels, run.y, run.index("train"), images, lr, cfg.batch_size,
-                                 cfg.seed, cfg.class_weighting, calibration=calibration, epochs=epochs, dx=run.dx)
+                                 cfg.training_seed, cfg.class_weighting, calibration=calibration, epochs=epochs,
+                                 dx=run.dx)
     info = {"method": "quantization-aware training (tfmot) + int8 conversion", **done,
             "qat_seconds": round(time.time() - t0), "not_quantized_in_training": "Rescaling (input scaling)"}
     log(f"QAT fine-tune on {info['qat_images']} images in {info['qat_seconds']}s")

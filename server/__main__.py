@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for the LAN)")
     ap.add_argument("--port", type=port_number, default=8000, help="port, 1-65535 (default 8000)")
     ap.add_argument("--threads", type=positive(int), default=None, help=(
-        "waitress worker threads per process (default: 1 in each of several worker processes, where "
-        "more threads only take turns on the worker's one core's worth of work; 4 in a single process)"))
+        "waitress worker threads per process (default: 1 in each worker of --workers N whose interpreter "
+        "runs one thread, where more threads only take turns on that core; else 4)"))
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default {DEFAULT_MODEL.name})")
     ap.add_argument("--model-threads", type=positive(int), default=None, help=(
         "TFLite interpreter threads per process (default: the cores divided among the workers, at least 1)"))

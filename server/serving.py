@@ -14,8 +14,7 @@ What waitress does by default, and what is changed here (see the README's "Limit
   `max_buffered_bytes`, the largest are dropped until they fit.
 - Its own error answers (413, 400, 431) are plain text: `FriendlyErrorTask` answers JSON under
   /api/ and a short page elsewhere, in the app's words.
-And for speed: the main loop leaves a running request's output to its task (`GuardedChannel.writable`)
-and reads 64 KB per call (`RECV_BYTES`).
+And for speed: the main loop leaves a running task's output to the task (`GuardedChannel.writable`).
 """
 from __future__ import annotations
 
@@ -33,9 +32,6 @@ from edge import DISCLAIMER
 
 # Room for the multipart envelope (boundaries, part headers) around an upload of the full limit.
 FORM_OVERHEAD_BYTES = 64 * 1024
-# Bytes per socket read (waitress: 8 KB): a typical upload arrives in one read and one turn of
-# the main loop instead of two or more; a 10 MB one in 160 reads instead of 1,280.
-RECV_BYTES = 64 * 1024
 # The security headers of every waitress-generated error (Flask's answers get them from Talisman).
 ERROR_HEADERS = [("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
                  ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-store"),
@@ -115,15 +111,27 @@ class GuardedChannel(HTTPChannel):
             return
         super().send_continue()
 
+    task_running = False  # a task of this connection is being served (set around `service`)
+
+    def service(self):
+        self.task_running = True
+        try:
+            super().service()
+        finally:
+            self.task_running = False
+            if self.connected:  # the loop may have looked at writable() before the flag fell
+                self.server.pull_trigger()
+
     def writable(self):
-        """Not while a request's task runs and its output is under the high watermark: the task
-        sends its own output on every write (waitress 3 flushes in `write_soon`) and wakes the loop
-        when it ends or needs the loop's help (over the watermark, or closing). waitress's own rule
-        (any output pending) made the loop poll, find the output lock held by the task and poll
-        again: on a worker that keeps to one core, some 30 empty turns per request, taken from
-        the task's own core (measured with --threads 1)."""
-        if self.requests and not (self.will_close or self.close_when_flushed) \
-                and self.total_outbufs_len <= self.adj.outbuf_high_watermark:
+        """Not while this connection's task runs with its output under the high watermark: the
+        task sends its own output on every write (waitress 3 flushes in `write_soon`), and after
+        it ends the loop is woken again. waitress's own rule (any output pending) made the loop
+        poll, find the output lock held by the task and poll again: on a worker that keeps to one
+        core, some 30 empty turns per request, taken from the task's own core. At or over the
+        watermark the task waits for the loop to flush (woken only below it), and between tasks
+        the loop flushes and sees hang-ups as waitress does."""
+        if self.task_running and not (self.will_close or self.close_when_flushed) \
+                and self.total_outbufs_len < self.adj.outbuf_high_watermark:
             return False
         return super().writable()
 
@@ -167,6 +175,15 @@ def drop_slow_clients(server: BaseWSGIServer, options: ServeOptions, now: float 
     return len(dropped)
 
 
+QUEUE_WARN_DEPTH = 64  # with one thread per worker: requests waiting before waitress's warning is kept
+
+
+def deep_queue_only(record: logging.LogRecord) -> bool:
+    """Keep waitress's "Task queue depth is N" only from QUEUE_WARN_DEPTH waiting requests."""
+    depth = record.args[0] if isinstance(record.args, tuple) and record.args else None
+    return not isinstance(depth, int) or depth >= QUEUE_WARN_DEPTH
+
+
 def guard(server: BaseWSGIServer, options: ServeOptions) -> None:
     """Give one listening server the guarded channel, friendly errors and the slow-client sweep."""
     server.channel_class = type("Channel", (GuardedChannel,),
@@ -204,16 +221,20 @@ def make_server(app, options: ServeOptions):
         app, map=socket_map, **where, threads=options.threads,
         ident="melanoma-screen", max_request_body_size=options.max_body_bytes,
         # never spool a body to disk: a chunked body is checked against the limit only after a
-        # read (recv_bytes) has been buffered, so leave room above it
+        # read (recv_bytes, 8 KB) has been buffered, so leave room above it. Keep waitress's 8 KB
+        # reads: it answers every request of one read before it reads again, and with 8 KB the
+        # answers to one read's pipelined requests stay under its 16 MB output watermark, above
+        # which a task waits, without a deadline, for the client to read (64 KB reads, tried for
+        # no measurable gain, let one client that never reads stall a one-thread worker)
         inbuf_overflow=options.max_body_bytes + 2**20,
-        recv_bytes=RECV_BYTES,
         outbuf_overflow=64 * 1024 * 1024,  # nor a response
         connection_limit=options.connection_limit, channel_timeout=options.channel_timeout_s,
         cleanup_interval=1, asyncore_use_poll=True)  # poll: no 1024-descriptor limit of select
     if options.threads == 1:
         # waitress warns "Task queue depth is N" whenever a request waits for a free thread: with
-        # one thread per worker process that is the normal state under load, not a sign of trouble
-        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+        # one thread per worker process that is the normal state under load; warn only when the
+        # queue is deep (the overload signal stays)
+        logging.getLogger("waitress.queue").addFilter(deep_queue_only)
     for listener in {id(s): s for s in socket_map.values() if isinstance(s, BaseWSGIServer)}.values():
         guard(listener, options)
     return server

@@ -301,6 +301,28 @@ def test_fast_start_then_trickle_is_dropped(real_server):
     assert closed and time.monotonic() - t0 < 9  # grace 2 s + one 2 s window + the 1 s sweep
 
 
+def test_a_client_that_pipelines_and_never_reads_does_not_stall_a_one_thread_worker(tiny_models, tmp_path):
+    """(From review.) waitress answers every request of one read before it reads again, and a task
+    whose answers pass its 16 MB output watermark waits, without a deadline, for the client to
+    read. With its 8 KB reads one read's pipelined GETs of a 40 KB file stay under it; with 64 KB
+    reads one such client stalled a --threads 1 worker for everyone."""
+    server = start_server(tiny_models["uint8"], tmp_path, "--threads", "1")
+    attacker = socket.socket()
+    try:
+        status, png, _ = server.get("/reports/tradeoff.png")
+        assert status == 200 and len(png) > 20_000
+        req = b"GET /reports/tradeoff.png HTTP/1.1\r\nHost: a\r\n\r\n"
+        attacker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing, buffers little
+        attacker.connect(("127.0.0.1", server.port))
+        attacker.sendall(req * (65536 // len(req)))
+        time.sleep(2)
+        assert server.get("/healthz", timeout=10)[0] == 200
+    finally:
+        attacker.close()
+        server.proc.terminate()
+        server.proc.communicate(timeout=20)
+
+
 def test_slow_client_rules():
     """The sweep's rules on their own: deadline, windowed rate, and the cap on held bytes."""
     from types import SimpleNamespace

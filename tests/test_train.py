@@ -307,9 +307,11 @@ def test_train_seed_changes_training_not_the_split(tiny_run, tmp_path, monkeypat
     assert cfg.train_seed is None and cfg.training_seed == cfg.seed == 0
     parsed = config_from_args(build_parser().parse_args(["--train-seed", "5", "--out", str(tmp_path / "x")]))
     assert parsed.train_seed == 5 and parsed.training_seed == 5 and parsed.seed == 0
-    seen = {"set_seeds": [], "dataset": []}
-    set_seeds, dataset = P.set_seeds, L.distributed_dataset
+    seen = {"set_seeds": [], "dataset": [], "augment": []}
+    set_seeds, dataset, generator = P.set_seeds, L.distributed_dataset, L.tf.random.Generator.from_seed
     monkeypatch.setattr(P, "set_seeds", lambda s: (seen["set_seeds"].append(s), set_seeds(s))[1])
+    monkeypatch.setattr(L.tf.random.Generator, "from_seed",
+                        staticmethod(lambda s, *a, **k: (seen["augment"].append(s), generator(s, *a, **k))[1]))
 
     def recording_dataset(strategy, pixels, y, idx, batch, seed, *a, **k):
         seen["dataset"].append(seed)
@@ -317,8 +319,10 @@ def test_train_seed_changes_training_not_the_split(tiny_run, tmp_path, monkeypat
     monkeypatch.setattr(L, "distributed_dataset", recording_dataset)
     out = tmp_path / "seed5"
     P.run(TrainConfig.from_dict({**cfg.to_dict(), "train_seed": 5, "epochs": 1, "out": str(out)}), log=lambda s: None)
-    assert seen["set_seeds"] == [5] and seen["dataset"] and set(seen["dataset"]) == {5}
+    assert seen["set_seeds"] == [5] and seen["dataset"] and set(seen["dataset"]) == {5} and seen["augment"] == [5]
     assert (out / "splits.csv").read_bytes() == (tiny_run / "splits.csv").read_bytes()
     assert json.loads((out / "config.json").read_text())["train_seed"] == 5
     from train.soup import check_runs
     assert check_runs([tiny_run, out])["seed"] == 0  # same split: a weight average is allowed
+    with pytest.raises(ValueError, match="train_seed must be in"):
+        TrainConfig.from_dict({**cfg.to_dict(), "train_seed": -1}).validate()

@@ -114,22 +114,83 @@ def test_default_threads_one_per_worker_four_in_a_single_process():
 
 
 def test_main_loop_leaves_a_running_tasks_output_to_the_task():
-    """While a request's task runs, the loop does not poll its connection for writing (the task
-    sends its own output): waitress's own rule made it spin about 30 empty turns per request on
-    the worker's one core. It still does once the task is done, over the high watermark (the task
-    waits for the loop there) or when the connection is closing."""
+    """While this connection's task runs, the loop does not poll it for writing (the task sends
+    its own output): waitress's own rule made it spin about 30 empty turns per request on the
+    worker's one core. It still does between tasks, at or over the high watermark (the task waits
+    for the loop there) and when the connection is closing."""
     from types import SimpleNamespace
 
     from server.serving import GuardedChannel
     ch = object.__new__(GuardedChannel)
     ch.adj = SimpleNamespace(outbuf_high_watermark=1000)
-    ch.requests, ch.total_outbufs_len = [object()], 500
+    ch.requests, ch.total_outbufs_len, ch.task_running = [object()], 500, True
     assert not ch.writable()  # a task is running and sends its own output
-    ch.total_outbufs_len = 1001
-    assert ch.writable()  # over the watermark: the task waits for the loop to flush
+    ch.total_outbufs_len = 1000
+    assert ch.writable()  # at the watermark: waitress wakes a waiting task only below it
     ch.total_outbufs_len, ch.close_when_flushed = 500, True
     assert ch.writable()
-    ch.close_when_flushed, ch.requests = False, []
-    assert ch.writable()  # the task is done: the loop sends what is left
+    ch.close_when_flushed, ch.task_running = False, False
+    assert ch.writable()  # between tasks (a pipelined request queued): the loop flushes, sees hang-ups
     ch.total_outbufs_len = 0
     assert not ch.writable()
+
+
+class _FakeSocket:
+    """send() takes at most `room` bytes, then would block."""
+
+    def __init__(self):
+        self.room = 0
+
+    def send(self, data):
+        n = min(len(data), self.room)
+        if n == 0:
+            raise BlockingIOError(11, "would block")
+        self.room -= n
+        return n
+
+
+def test_a_flush_landing_on_the_watermark_still_wakes_the_waiting_task():
+    """(From review.) The task waits over the watermark and is woken only once the output is
+    below it; a flush that lands exactly on it must leave the connection polled, or the task
+    waits for ever."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from waitress.adjustments import Adjustments
+    from waitress.buffers import OverflowableBuffer
+
+    from server.serving import GuardedChannel
+    ch = object.__new__(GuardedChannel)
+    ch.adj = Adjustments(outbuf_high_watermark=1000)
+    ch.outbufs = [OverflowableBuffer(ch.adj.outbuf_overflow)]
+    ch.outbuf_lock, ch.requests_lock = threading.Condition(), threading.Lock()
+    ch.requests, ch.connected, ch.task_running, ch.sendbuf_len = [object()], True, True, 4096
+    ch.socket, ch.server = _FakeSocket(), SimpleNamespace(pull_trigger=lambda: None)
+    ch.write_soon(b"a" * 1500)  # over the watermark; the client reads nothing yet
+    task = threading.Thread(target=ch.write_soon, args=(b"b" * 10,), daemon=True)
+    task.start()  # waits for the loop in waitress's _flush_outbufs_below_high_watermark
+    time.sleep(0.2)
+    assert task.is_alive()
+    ch.socket.room = 500
+    assert ch.writable()
+    ch.handle_write()
+    assert ch.total_outbufs_len == 1000  # exactly on the watermark
+    ch.socket.room = 10**9  # the client now reads everything
+    for _ in range(50):
+        if ch.writable():
+            ch.handle_write()
+        time.sleep(0.01)
+    task.join(2)
+    assert not task.is_alive(), f"task still waiting with {ch.total_outbufs_len} bytes unsent"
+
+
+def test_queue_depth_warning_is_kept_only_when_the_queue_is_deep():
+    import logging
+
+    from server.serving import QUEUE_WARN_DEPTH, deep_queue_only
+
+    def record(depth):
+        return logging.LogRecord("waitress.queue", logging.WARNING, "", 0, "Task queue depth is %d", (depth,), None)
+    assert not deep_queue_only(record(3)) and deep_queue_only(record(QUEUE_WARN_DEPTH))
+    assert deep_queue_only(logging.LogRecord("waitress.queue", logging.WARNING, "", 0, "other", None, None))

@@ -117,7 +117,9 @@ class TrainConfig:
                   ("top_blocks", self.top_blocks >= 0, "0 or more"),
                   ("epochs", self.epochs >= 0, "0 or more"),
                   ("lr", self.lr > 0, "positive"), ("diagnosis_weight", self.diagnosis_weight >= 0, "0 or more"), ("limit", self.limit >= 0, "0 or more"),
-                  ("workers", self.workers >= 1, "at least 1")]
+                  ("workers", self.workers >= 1, "at least 1"),
+                  ("seed", 0 <= self.seed < 2**32, "in [0, 2**32)"),
+                  ("train_seed", self.train_seed is None or 0 <= self.train_seed < 2**32, "in [0, 2**32)")]
         for name, ok, what in checks:
             if not ok:
                 raise ValueError(f"{name} must be {what}, not {getattr(self, name)!r}")

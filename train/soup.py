@@ -110,7 +110,8 @@ def _make_soup(runs: list[Path], first: dict, out: Path, final: Path, log) -> di
     from .evaluate import summary_line
     from .pipeline import evaluate_run
     from .rundir import load_keras_model, load_run_data, save_keras_model
-    cfg = TrainConfig.from_dict({**first, "out": str(final), "init_from": None})
+    # no one training seed made these weights: the ingredients' are in metrics.json
+    cfg = TrainConfig.from_dict({**first, "out": str(final), "init_from": None, "train_seed": None})
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     for name in COPIED:
         if (runs[0] / name).is_file():
