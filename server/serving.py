@@ -119,8 +119,8 @@ class GuardedChannel(HTTPChannel):
             super().service()
         finally:
             self.task_running = False
-            if self.connected:  # the loop may have looked at writable() before the flag fell
-                self.server.pull_trigger()
+            if self.connected and self.total_outbufs_len:  # output left, and the loop may have
+                self.server.pull_trigger()  # looked at writable() before the flag fell
 
     def writable(self):
         """Not while this connection's task runs with its output under the high watermark: the

@@ -194,3 +194,27 @@ def test_queue_depth_warning_is_kept_only_when_the_queue_is_deep():
         return logging.LogRecord("waitress.queue", logging.WARNING, "", 0, "Task queue depth is %d", (depth,), None)
     assert not deep_queue_only(record(3)) and deep_queue_only(record(QUEUE_WARN_DEPTH))
     assert deep_queue_only(logging.LogRecord("waitress.queue", logging.WARNING, "", 0, "other", None, None))
+
+
+def test_the_loop_is_woken_after_a_task_that_left_output(monkeypatch):
+    """The loop may have asked writable() while the task still ran (False) and gone back to
+    poll: a task that leaves output wakes it once the flag has fallen, or the answer waits."""
+    from types import SimpleNamespace
+
+    from waitress.channel import HTTPChannel
+
+    from server.serving import GuardedChannel
+    ch = object.__new__(GuardedChannel)
+    ch.connected, woken = True, []
+    ch.server = SimpleNamespace(pull_trigger=lambda: woken.append(ch.task_running))
+
+    def task(self, left):
+        assert self.task_running
+        self.total_outbufs_len = left
+    monkeypatch.setattr(HTTPChannel, "service", lambda self: task(self, 10))
+    ch.service()
+    assert woken == [False] and not ch.task_running
+    woken.clear()
+    monkeypatch.setattr(HTTPChannel, "service", lambda self: task(self, 0))
+    ch.service()
+    assert woken == []  # all sent by the task: waitress's own trigger suffices
