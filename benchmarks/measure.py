@@ -115,14 +115,19 @@ def timed_init(make):
     return obj, (time.perf_counter() - t0) * 1000
 
 
+def random_input(detail: dict) -> np.ndarray:
+    """A fixed random input of an interpreter's input tensor (latency does not depend on it)."""
+    rng = np.random.default_rng(0)
+    shape, dtype = detail["shape"], detail["dtype"]
+    return (rng.integers(0, 256, shape) if np.issubdtype(dtype, np.integer) else rng.uniform(0, 255, shape)).astype(dtype)
+
+
 def bench_tflite(path: Path, threads: int, runs: int, warmup: int) -> dict:
     """Load, first inference, then `runs` timed invokes after `warmup` (run in a child process)."""
     from edge import make_interpreter
     (it, backend), init_ms = timed_init(lambda: make_interpreter(path, threads))
     d = it.get_input_details()[0]
-    rng = np.random.default_rng(0)
-    x = (rng.integers(0, 256, d["shape"]).astype(d["dtype"]) if np.issubdtype(d["dtype"], np.integer)
-         else rng.uniform(0, 255, d["shape"]).astype(d["dtype"]))
+    x = random_input(d)
 
     def invoke():
         it.set_tensor(d["index"], x)
@@ -140,8 +145,7 @@ def bench_scaling(path: Path, threads: list[int], runs: int, warmup: int) -> dic
     for t in threads:
         it, _ = make_interpreter(path, t)
         d = it.get_input_details()[0]
-        x = np.random.default_rng(0).integers(0, 256, d["shape"]).astype(d["dtype"]) \
-            if np.issubdtype(d["dtype"], np.integer) else np.random.default_rng(0).uniform(0, 255, d["shape"]).astype(d["dtype"])
+        x = random_input(d)
 
         def invoke(it=it, d=d, x=x):
             it.set_tensor(d["index"], x)
