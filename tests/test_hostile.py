@@ -387,6 +387,60 @@ def test_many_form_fields_get_their_own_message(real_server):
     assert r.status == 413 and "too many fields" in message and "MB" not in message
 
 
+def hostile_envelopes(image: bytes) -> dict[str, tuple[str, bytes]]:
+    """Malformed or abusive multipart bodies around a valid image: name -> (Content-Type, body)."""
+    b = "hb"
+    part = f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="l.jpg"\r\n'.encode()
+    ok = part + b"\r\n" + image + f"\r\n--{b}--\r\n".encode()
+    ctype = f"multipart/form-data; boundary={b}"
+    return {
+        "unterminated": (ctype, part + b"\r\n" + image),
+        "no closing boundary": (ctype, part + b"\r\n" + image + f"\r\n--{b}\r\n".encode()),
+        "no boundary parameter": ("multipart/form-data", ok),
+        "empty boundary": ('multipart/form-data; boundary=""', ok),
+        "non-ascii boundary": ("multipart/form-data; boundary=h\u00e9", ok),
+        "wrong boundary": ("multipart/form-data; boundary=other", ok),
+        "empty body": (ctype, b""),
+        "lf line endings": (ctype, ok.replace(b"\r\n", b"\n")),
+        "no content-disposition": (ctype, f"--{b}\r\nContent-Type: image/jpeg\r\n\r\n".encode() + image
+                                   + f"\r\n--{b}--\r\n".encode()),
+        "header line of 64 KB": (ctype, part.replace(b'l.jpg"', b"l.jpg\"; x=" + b"y" * 65536) + b"\r\n" + image
+                                 + f"\r\n--{b}--\r\n".encode()),
+        "1000 part headers": (ctype, part + b"X-A: 1\r\n" * 1000 + b"\r\n" + image + f"\r\n--{b}--\r\n".encode()),
+        "unknown text charset": (ctype, f'--{b}\r\nContent-Disposition: form-data; name="note"\r\n'
+                                 f"Content-Type: text/plain; charset=x-no-such-charset\r\n\r\nhello\r\n".encode()
+                                 + ok),
+        "text field of 3 MB": (ctype, f'--{b}\r\nContent-Disposition: form-data; name="note"\r\n\r\n'.encode()
+                               + b"x" * (3 * 2**20) + b"\r\n" + ok),
+        "image twice": (ctype, part + b"\r\n" + image + b"\r\n" + ok),
+        "garbage preamble": (ctype, b"\x00" * 5000 + b"\r\n" + ok),
+        "nested multipart": (ctype, f'--{b}\r\nContent-Disposition: form-data; name="image"\r\n'
+                             f"Content-Type: multipart/mixed; boundary=inner\r\n\r\n--inner\r\n".encode() + ok
+                             + f"\r\n--{b}--\r\n".encode()),
+    }
+
+
+def test_hostile_multipart_envelopes_get_4xx(real_server):
+    """Every broken or abusive form envelope gets a 4xx with a message, none a 5xx; the well-formed
+    ones still classify. The server keeps serving."""
+    image = jpeg_bytes(lesion_image(6))
+    for name, (ctype, body) in hostile_envelopes(image).items():
+        conn = http.client.HTTPConnection("127.0.0.1", real_server.port, timeout=30)
+        try:
+            conn.request("POST", "/api/v1/predict", body=body, headers={"Content-Type": ctype})
+            r = conn.getresponse()
+            answer = json.loads(r.read())
+        finally:
+            conn.close()
+        if name in ("image twice", "garbage preamble", "unknown text charset", "nested multipart"):
+            assert r.status == 200 and "probability" in answer, (name, r.status, answer)
+        else:
+            assert 400 <= r.status < 500 and answer["error"], (name, r.status, answer)
+        if name == "text field of 3 MB":
+            assert r.status == 413 and "one too large" in answer["error"], answer
+    assert real_server.get("/healthz")[0] == 200
+
+
 def run_server_cli(*args: str, timeout=30) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "server", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)

@@ -185,15 +185,33 @@ def test_a_flush_landing_on_the_watermark_still_wakes_the_waiting_task():
     assert not task.is_alive(), f"task still waiting with {ch.total_outbufs_len} bytes unsent"
 
 
-def test_queue_depth_warning_is_kept_only_when_the_queue_is_deep():
+def test_queue_depth_warning_is_kept_only_when_the_queue_is_deep(monkeypatch):
+    """Shallow queues make no log record at all (not one built and then filtered: that cost the
+    loop time on every request); deep ones and other warnings pass."""
     import logging
 
-    from server.serving import QUEUE_WARN_DEPTH, deep_queue_only
+    from server.serving import QUEUE_WARN_DEPTH, DeepQueueLogger
+    made = []
+    factory = logging.getLogRecordFactory()
+    monkeypatch.setattr(logging, "_logRecordFactory", lambda *a, **k: made.append(a) or factory(*a, **k))
+    logger = DeepQueueLogger(logging.getLogger("waitress.queue"))
+    logger.warning("Task queue depth is %d", 3)
+    assert made == []
+    logger.warning("Task queue depth is %d", QUEUE_WARN_DEPTH)
+    logger.warning("other")
+    assert [a[4] % a[5] if a[5] else a[4] for a in made] == [f"Task queue depth is {QUEUE_WARN_DEPTH}", "other"]
+    assert logger.name == "waitress.queue"  # the rest is the logger's
 
-    def record(depth):
-        return logging.LogRecord("waitress.queue", logging.WARNING, "", 0, "Task queue depth is %d", (depth,), None)
-    assert not deep_queue_only(record(3)) and deep_queue_only(record(QUEUE_WARN_DEPTH))
-    assert deep_queue_only(logging.LogRecord("waitress.queue", logging.WARNING, "", 0, "other", None, None))
+
+def test_one_thread_servers_get_the_quiet_queue_logger():
+    from server.serving import DeepQueueLogger, ServeOptions, make_server
+    quiet, default = (make_server(lambda e, s: [], ServeOptions(port=0, threads=t)) for t in (1, 4))
+    try:
+        assert isinstance(quiet.task_dispatcher.queue_logger, DeepQueueLogger)
+        assert not isinstance(default.task_dispatcher.queue_logger, DeepQueueLogger)
+    finally:
+        quiet.close()
+        default.close()
 
 
 def test_the_loop_is_woken_after_a_task_that_left_output(monkeypatch):
