@@ -1,8 +1,9 @@
 """HTML pages: the upload form, the result page and the tradeoff report."""
 import json
+import mimetypes
 from pathlib import Path
 
-from flask import Blueprint, abort, current_app, render_template, send_from_directory
+from flask import Blueprint, Response, abort, current_app, render_template
 
 from edge import ImageError
 
@@ -68,4 +69,11 @@ def report_file(name: str):
     """Serve the report files /tradeoffs links to (a fixed allow-list)."""
     if name not in REPORT_FILES:
         abort(404, "no such report")
-    return send_from_directory(Path(current_app.config["REPORTS_DIR"]).resolve(), name)
+    # read into memory, not sent as an open file: a client that pipelines requests and never
+    # reads the answers would otherwise hold a file descriptor per queued answer (with the common
+    # 1,024-descriptor limit, a couple of hundred such connections left the worker unable to accept)
+    try:
+        data = (Path(current_app.config["REPORTS_DIR"]) / name).read_bytes()
+    except OSError:
+        abort(404, "no such report (run python -m benchmarks all)")
+    return Response(data, mimetype=mimetypes.guess_type(name)[0] or "application/octet-stream")

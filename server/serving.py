@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from html import escape
@@ -96,6 +97,9 @@ def error_task_class(max_upload_bytes: int) -> type[ErrorTask]:
     return FriendlyErrorTask
 
 
+MAX_PIPELINED = 8  # requests one connection may have waiting at once (browsers pipeline none)
+
+
 class GuardedChannel(HTTPChannel):
     """An HTTPChannel that remembers when the request it is reading began, and its bytes."""
 
@@ -141,9 +145,26 @@ class GuardedChannel(HTTPChannel):
             self.request_started, self.request_bytes, self.window_start, self.window_bytes = now, 0, now, 0
         self.request_bytes += len(data)
         done = super().received(data)
+        with self.requests_lock:
+            if len(self.requests) > MAX_PIPELINED:
+                self.limit_pipelining()
         if self.request is None:  # the request is complete (or failed): stop the clock
             self.request_started = None
         return done
+
+    def limit_pipelining(self):
+        """Keep the first MAX_PIPELINED requests of one read, answer them and close the connection
+        (the client retries the rest on a new one, as HTTP/1.1 lets a server do). waitress
+        answers every request of a read before it reads again, so without a cap one 8 KB read of
+        pipelined GETs made some 200 answers wait in memory for a client that need never read
+        them, on every connection. Called with `requests_lock` held."""
+        for request in self.requests[MAX_PIPELINED:]:
+            request.close()
+        del self.requests[MAX_PIPELINED:]
+        self.requests[-1].headers["CONNECTION"] = "close"  # waitress closes after answering it
+        if self.request is not None:  # a partly read next request: never to be answered
+            self.request.close()
+            self.request = None
 
 
 def too_slow(channel, options: ServeOptions, now: float) -> bool:
@@ -176,22 +197,28 @@ def drop_slow_clients(server: BaseWSGIServer, options: ServeOptions, now: float 
 
 
 QUEUE_WARN_DEPTH = 64  # with one thread per worker: requests waiting before waitress's warning is kept
+QUEUE_WARN_INTERVAL_S = 10.0  # and then at most one such warning in this many seconds
 
 
 class DeepQueueLogger:
     """waitress's queue logger, keeping "Task queue depth is N" only from QUEUE_WARN_DEPTH waiting
-    requests. With one thread per worker a queue is the normal state under load, and waitress
-    warns on every request that waits; a logging.Filter would drop the message only after the
-    record was built (caller lookup, pid, thread name: 4 % of a worker's main loop under load),
-    so the depth is checked before anything is made."""
+    requests, and then once per QUEUE_WARN_INTERVAL_S. With one thread per worker a queue is the
+    normal state under load, and waitress warns on every request that waits (a flood of clients
+    wrote 2,000 lines a second); a logging.Filter would drop the message only after the record was
+    built (caller lookup, pid, thread name: 4 % of a worker's main loop under load), so the depth
+    is checked before anything is made. waitress calls it with its dispatcher's lock held."""
 
     def __init__(self, logger: logging.Logger):
         self.logger = logger
+        self.last_warned = -math.inf
 
     def warning(self, msg, *args, **kwargs):
         depth = args[0] if args else None
-        if isinstance(depth, int) and depth < QUEUE_WARN_DEPTH:
-            return
+        if isinstance(depth, int):
+            now = time.monotonic()
+            if depth < QUEUE_WARN_DEPTH or now - self.last_warned < QUEUE_WARN_INTERVAL_S:
+                return
+            self.last_warned = now
         self.logger.warning(msg, *args, **kwargs)
 
     def __getattr__(self, name):

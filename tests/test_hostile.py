@@ -323,6 +323,43 @@ def test_a_client_that_pipelines_and_never_reads_does_not_stall_a_one_thread_wor
         server.proc.communicate(timeout=20)
 
 
+def test_pipelining_clients_that_never_read_hold_neither_descriptors_nor_much_memory(tiny_models, tmp_path):
+    """60 connections each pipeline one 8 KB read of GETs for the 40 KB report plot and never
+    read. Before: every queued answer held an open file (~200 per connection: with the common
+    1,024-descriptor limit the worker could no longer accept) and ~8 MB per connection. Now each
+    connection gets at most MAX_PIPELINED answers, from memory, then is closed; a well-behaved
+    pipelining client gets its first MAX_PIPELINED answers and a close."""
+    from server.serving import MAX_PIPELINED
+    server = start_server(tiny_models["uint8"], tmp_path, "--threads", "1")
+    req = b"GET /reports/tradeoff.png HTTP/1.1\r\nHost: a\r\n\r\n"
+    attackers = []
+    try:
+        fds_before = len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+        for _ in range(60):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", server.port))
+            s.sendall(req * (8192 // len(req)))
+            attackers.append(s)
+        time.sleep(3)
+        assert server.get("/healthz", timeout=10)[0] == 200
+        fds = len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+        assert fds < fds_before + 60 + 20, fds  # about one per connection, not one per queued answer
+        # one client that pipelines 20 and reads: MAX_PIPELINED answers, then the server closes
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n" * 20)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        s.close()
+        assert data.count(b"HTTP/1.1 200") == MAX_PIPELINED and data.count(b"Connection: close") == 1
+    finally:
+        for s in attackers:
+            s.close()
+        server.proc.terminate()
+        server.proc.communicate(timeout=20)
+
+
 def test_slow_client_rules():
     """The sweep's rules on their own: deadline, windowed rate, and the cap on held bytes."""
     from types import SimpleNamespace

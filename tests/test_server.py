@@ -77,7 +77,10 @@ def test_tradeoffs_without_and_with_report(client, tmp_path):
     Image.new("RGB", (10, 10)).save(tmp_path / "tradeoff.png")
     html = client.get("/tradeoffs").get_data(as_text=True)
     assert "a.tflite" in html and "TestCPU" in html and "/reports/tradeoff.png" in html
-    assert client.get("/reports/tradeoff.png").status_code == 200
+    plot = client.get("/reports/tradeoff.png")
+    assert plot.status_code == 200 and plot.mimetype == "image/png"
+    with client.application.test_request_context():  # from memory: no open file per queued answer
+        assert not client.application.view_functions["pages.report_file"]("tradeoff.png").is_streamed
     assert client.get("/reports/secret.txt").status_code == 404
 
 

@@ -187,7 +187,7 @@ def test_a_flush_landing_on_the_watermark_still_wakes_the_waiting_task():
 
 def test_queue_depth_warning_is_kept_only_when_the_queue_is_deep(monkeypatch):
     """Shallow queues make no log record at all (not one built and then filtered: that cost the
-    loop time on every request); deep ones and other warnings pass."""
+    loop time on every request); deep ones pass once per interval, other warnings always."""
     import logging
 
     from server.serving import QUEUE_WARN_DEPTH, DeepQueueLogger
@@ -198,6 +198,7 @@ def test_queue_depth_warning_is_kept_only_when_the_queue_is_deep(monkeypatch):
     logger.warning("Task queue depth is %d", 3)
     assert made == []
     logger.warning("Task queue depth is %d", QUEUE_WARN_DEPTH)
+    logger.warning("Task queue depth is %d", QUEUE_WARN_DEPTH + 1)  # within QUEUE_WARN_INTERVAL_S: not again
     logger.warning("other")
     assert [a[4] % a[5] if a[5] else a[4] for a in made] == [f"Task queue depth is {QUEUE_WARN_DEPTH}", "other"]
     assert logger.name == "waitress.queue"  # the rest is the logger's
