@@ -6,6 +6,8 @@ single-threaded interpreter per core, fed by the pool); optionally the CLI of an
 
     python -m benchmarks.folder [--images 1000] [--data ../shared/data/ham10000/train] [--baseline-ref REF]
 
+`--baseline-ref 3d180a4` is main as it was when #16 ("folders are decoded serially") was filed.
+
 The folder is made of symbolic links to the first N images of --data, in a temporary directory
 (no image is copied, nothing is kept). Each setting runs the real CLI (`--json`) as a child
 process, twice; the faster wall time counts (the first run also warms the page cache). Writes
@@ -34,9 +36,11 @@ SETTINGS = [
     ("decode pool, 1 interpreter x 2 threads", ["--threads", "2", "--parallel", "1", "--decode-threads", "3"], 2),
     (DEFAULT_2, ["--threads", "1", "--parallel", "2", "--decode-threads", "3"], 2),
 ]
-# the CLI before this change (it had no --parallel): its serial mode and its default pool
-BEFORE = [("before: serial, 1 interpreter x 2 threads", ["--threads", "2", "--decode-threads", "1"], 2),
-          ("before: its default (decode pool of 2), 1 interpreter x 2 threads", ["--threads", "2"], 2)]
+# an earlier commit's CLI (flags every version has): as its users ran it, and with 2 interpreter
+# threads. At 3d180a4 (main when #16 was filed: decode, then infer, one image after the other)
+# its default left the thread count to the runtime (1 thread here).
+BEFORE = [("before: its default", [], 1),
+          ("before: --threads 2", ["--threads", "2"], 2)]
 
 
 def timed_cli(folder: Path, flags: list[str], model: Path, cwd: Path = REPO, repeats: int = 2) -> dict:
