@@ -224,6 +224,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     # what start-up built (Flask, numpy, the model's metadata) stays for the process's life: move it
     # out of the collector's reach, so its full collections under load walk only what requests make
+    gc.collect()  # start-up's garbage first: frozen, it would stay for good
     gc.freeze()
     try:
         server.run()

@@ -154,7 +154,8 @@ class GuardedChannel(HTTPChannel):
 
     def limit_pipelining(self):
         """Keep the first MAX_PIPELINED requests of one read, answer them and close the connection
-        (the client retries the rest on a new one, as HTTP/1.1 lets a server do). waitress
+        (the client retries the rest on a new one, as HTTP/1.1 lets a server do; bytes it sent
+        beyond one read are not read, so its system may see the close as a reset). waitress
         answers every request of a read before it reads again, so without a cap one 8 KB read of
         pipelined GETs made some 200 answers wait in memory for a client that need never read
         them, on every connection. Called with `requests_lock` held."""
@@ -201,22 +202,24 @@ QUEUE_WARN_INTERVAL_S = 10.0  # and then at most one such warning in this many s
 
 
 class DeepQueueLogger:
-    """waitress's queue logger, keeping "Task queue depth is N" only from QUEUE_WARN_DEPTH waiting
-    requests, and then once per QUEUE_WARN_INTERVAL_S. With one thread per worker a queue is the
-    normal state under load, and waitress warns on every request that waits (a flood of clients
-    wrote 2,000 lines a second); a logging.Filter would drop the message only after the record was
-    built (caller lookup, pid, thread name: 4 % of a worker's main loop under load), so the depth
-    is checked before anything is made. waitress calls it with its dispatcher's lock held."""
+    """waitress's queue logger, keeping "Task queue depth is N" only from `min_depth` waiting
+    requests, and then once per QUEUE_WARN_INTERVAL_S. waitress warns on every request that waits
+    (a flood of clients wrote 2,000 lines a second), and with one thread per worker a queue is the
+    normal state under load (min_depth QUEUE_WARN_DEPTH there); a logging.Filter would drop the
+    message only after the record was built (caller lookup, pid, thread name: 4 % of a worker's
+    main loop under load), so the depth is checked before anything is made. waitress calls it
+    with its dispatcher's lock held."""
 
-    def __init__(self, logger: logging.Logger):
+    def __init__(self, logger: logging.Logger, min_depth: int = QUEUE_WARN_DEPTH):
         self.logger = logger
+        self.min_depth = min_depth
         self.last_warned = -math.inf
 
     def warning(self, msg, *args, **kwargs):
         depth = args[0] if args else None
         if isinstance(depth, int):
             now = time.monotonic()
-            if depth < QUEUE_WARN_DEPTH or now - self.last_warned < QUEUE_WARN_INTERVAL_S:
+            if depth < self.min_depth or now - self.last_warned < QUEUE_WARN_INTERVAL_S:
                 return
             self.last_warned = now
         self.logger.warning(msg, *args, **kwargs)
@@ -263,19 +266,20 @@ def make_server(app, options: ServeOptions):
         ident="melanoma-screen", max_request_body_size=options.max_body_bytes,
         # never spool a body to disk: a chunked body is checked against the limit only after a
         # read (recv_bytes, 8 KB) has been buffered, so leave room above it. Keep waitress's 8 KB
-        # reads: it answers every request of one read before it reads again, and with 8 KB the
-        # answers to one read's pipelined requests stay under its 16 MB output watermark, above
-        # which a task waits, without a deadline, for the client to read (64 KB reads, tried for
-        # no measurable gain, let one client that never reads stall a one-thread worker)
+        # reads: it answers every request of one read before it reads again (at most
+        # MAX_PIPELINED of them, `limit_pipelining`), and a task whose answers pass its 16 MB
+        # output watermark waits, without a deadline, for the client to read; 64 KB reads (tried
+        # before the cap, for no measurable gain) let one client that never reads stall a
+        # one-thread worker
         inbuf_overflow=options.max_body_bytes + 2**20,
         outbuf_overflow=64 * 1024 * 1024,  # nor a response
         connection_limit=options.connection_limit, channel_timeout=options.channel_timeout_s,
         cleanup_interval=1, asyncore_use_poll=True)  # poll: no 1024-descriptor limit of select
-    if options.threads == 1:
-        # waitress warns "Task queue depth is N" whenever a request waits for a free thread: with
-        # one thread per worker process that is the normal state under load; warn only when the
-        # queue is deep (the overload signal stays)
-        server.task_dispatcher.queue_logger = DeepQueueLogger(server.task_dispatcher.queue_logger)
+    # waitress warns "Task queue depth is N" whenever a request waits for a free thread: with one
+    # thread per worker process that is the normal state under load, so warn there only when the
+    # queue is deep (the overload signal stays); with any thread count, once per interval at most
+    server.task_dispatcher.queue_logger = DeepQueueLogger(server.task_dispatcher.queue_logger,
+                                                          QUEUE_WARN_DEPTH if options.threads == 1 else 1)
     for listener in {id(s): s for s in socket_map.values() if isinstance(s, BaseWSGIServer)}.values():
         guard(listener, options)
     return server

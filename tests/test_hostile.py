@@ -451,6 +451,8 @@ def hostile_envelopes(image: bytes) -> dict[str, tuple[str, bytes]]:
                                + b"x" * (3 * 2**20) + b"\r\n" + ok),
         "image twice": (ctype, part + b"\r\n" + image + b"\r\n" + ok),
         "garbage preamble": (ctype, b"\x00" * 5000 + b"\r\n" + ok),
+        "rfc 2231 file name only": (ctype, part.replace(b'filename="l.jpg"', b"filename*=utf-8''l%C3%A4sion.jpg")
+                                    + b"\r\n" + image + f"\r\n--{b}--\r\n".encode()),
         "nested multipart": (ctype, f'--{b}\r\nContent-Disposition: form-data; name="image"\r\n'
                              f"Content-Type: multipart/mixed; boundary=inner\r\n\r\n--inner\r\n".encode() + ok
                              + f"\r\n--{b}--\r\n".encode()),
@@ -469,7 +471,8 @@ def test_hostile_multipart_envelopes_get_4xx(real_server):
             answer = json.loads(r.read())
         finally:
             conn.close()
-        if name in ("image twice", "garbage preamble", "unknown text charset", "nested multipart"):
+        if name in ("image twice", "garbage preamble", "unknown text charset", "nested multipart",
+                    "rfc 2231 file name only"):
             assert r.status == 200 and "probability" in answer, (name, r.status, answer)
         else:
             assert 400 <= r.status < 500 and answer["error"], (name, r.status, answer)

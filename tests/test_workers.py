@@ -204,15 +204,18 @@ def test_queue_depth_warning_is_kept_only_when_the_queue_is_deep(monkeypatch):
     assert logger.name == "waitress.queue"  # the rest is the logger's
 
 
-def test_one_thread_servers_get_the_quiet_queue_logger():
-    from server.serving import DeepQueueLogger, ServeOptions, make_server
-    quiet, default = (make_server(lambda e, s: [], ServeOptions(port=0, threads=t)) for t in (1, 4))
+def test_queue_warnings_are_rate_limited_at_every_thread_count():
+    """One thread: warned from QUEUE_WARN_DEPTH; more threads: from any depth; both at most once per
+    interval."""
+    from server.serving import QUEUE_WARN_DEPTH, DeepQueueLogger, ServeOptions, make_server
+    one, four = (make_server(lambda e, s: [], ServeOptions(port=0, threads=t)) for t in (1, 4))
     try:
-        assert isinstance(quiet.task_dispatcher.queue_logger, DeepQueueLogger)
-        assert not isinstance(default.task_dispatcher.queue_logger, DeepQueueLogger)
+        loggers = one.task_dispatcher.queue_logger, four.task_dispatcher.queue_logger
+        assert all(isinstance(x, DeepQueueLogger) for x in loggers)
+        assert [x.min_depth for x in loggers] == [QUEUE_WARN_DEPTH, 1]
     finally:
-        quiet.close()
-        default.close()
+        one.close()
+        four.close()
 
 
 def test_the_loop_is_woken_after_a_task_that_left_output(monkeypatch):
