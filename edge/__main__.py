@@ -18,7 +18,7 @@ PROGRESS_FROM = 20  # a progress bar (stderr, terminals only) from this many ima
 EXIT_HELP = ("Exit status: 0 when every input was read and answered; 3 when some could not be read (each is "
              "named on stderr as 'skipped: NAME: REASON' and the rest are still predicted); 4 when every input "
              "was read but some were refused (not a usable dermoscopic image of one lesion: 'refused: NAME: "
-             "REASON', no verdict); 2 for bad usage (missing or mismatched model, no images) or results that "
+             "REASON', no verdict); 2 for bad usage (missing or mismatched model, no images) or output that "
              "cannot be written; 130 when interrupted.")
 NUMBER_HELP = ("The number is P(melanoma), calibrated on validation images when the model's sidecar carries a "
                "calibration (the table's column says 'P(melanoma)'), else the model's raw ranking score ('score'); "
@@ -229,21 +229,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; a reader that goes away (`| head`) ends it quietly."""
+    """Run the CLI; a reader that goes away (`| head`) ends it quietly; results or messages that
+    cannot be written (stdout closed, a full disk) end it with EXIT_USAGE and no traceback."""
+    if sys.stdout is None:  # started with its output closed (`>&-`): print() would drop every result
+        say("error: standard output is closed; nowhere to write the results")
+        return EXIT_USAGE
     try:
         status = run_cli(argv)
         sys.stdout.flush()
+        sys.stderr.flush()
         return status
     except BrokenPipeError:
         # Python would report the broken pipe again when it flushes stdout at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        silence(sys.stdout)
         return EXIT_OK
-    except OSError as e:  # stdout on a full disk, a closed terminal, ...
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print(f"error: cannot write the results ({e.strerror or e})", file=sys.stderr)
+    except OSError as e:  # stdout or stderr on a full disk, a closed terminal, ...
+        silence(sys.stdout)
+        say(f"error: cannot write the results ({e.strerror or e})")
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def silence(stream) -> None:
+    """Point `stream` at /dev/null, so that Python's flush at exit cannot fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
+def say(message: str) -> None:
+    """A message on stderr, if stderr can take it (closed or on a full disk, it is dropped)."""
+    if sys.stderr is None:
+        return
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        silence(sys.stderr)
 
 
 def run_cli(argv: list[str] | None = None) -> int:

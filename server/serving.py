@@ -28,6 +28,7 @@ from html import escape
 from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer, create_server
 from waitress.task import ErrorTask
+from waitress.utilities import BadRequest
 
 from edge import DISCLAIMER
 
@@ -144,13 +145,27 @@ class GuardedChannel(HTTPChannel):
             now = time.monotonic()
             self.request_started, self.request_bytes, self.window_start, self.window_bytes = now, 0, now, 0
         self.request_bytes += len(data)
-        done = super().received(data)
+        try:
+            done = super().received(data)
+        except ValueError:  # int() refuses a Content-Length of over 4,300 digits; waitress catches
+            self.refuse_request("Content-Length is invalid")  # only its own errors and dropped the connection
+            done = True
         with self.requests_lock:
             if len(self.requests) > MAX_PIPELINED:
                 self.limit_pipelining()
         if self.request is None:  # the request is complete (or failed): stop the clock
             self.request_started = None
         return done
+
+    def refuse_request(self, reason: str):
+        """Answer the request being read with waitress's 400 (FriendlyErrorTask), then close."""
+        with self.requests_lock:
+            bad = self.request if self.request is not None else self.parser_class(self.adj)
+            bad.error, bad.completed = BadRequest(reason), True
+            self.request = None
+            self.requests.append(bad)
+            if len(self.requests) == 1:
+                self.server.add_task(self)
 
     def limit_pipelining(self):
         """Keep the first MAX_PIPELINED requests of one read, answer them and close the connection
@@ -197,6 +212,37 @@ def drop_slow_clients(server: BaseWSGIServer, options: ServeOptions, now: float 
     return len(dropped)
 
 
+PRESSURE_AT = 0.8  # share of the connection limit from which idle and slow connections are shed
+PRESSURE_GRACE_S = 2.0  # what an idle or slowly arriving connection is granted under pressure
+
+
+def shed_under_pressure(server: BaseWSGIServer, options: ServeOptions, now: float | None = None,
+                        wall: float | None = None) -> int:
+    """Near the connection limit, close keep-alive connections idle for over PRESSURE_GRACE_S
+    (nothing arriving, queued or to send) and requests arriving under the minimum rate once they
+    are PRESSURE_GRACE_S old (the usual grace is `request_grace_s`). Without it, a client holding
+    the limit's worth of connections (silent, or sending a request every 20 s so waitress's 30 s
+    idle timeout never fires) kept every other client waiting for as long as it liked, since
+    waitress stops accepting at the limit."""
+    now = time.monotonic() if now is None else now
+    wall = time.time() if wall is None else wall
+    channels = [c for c in list(server.active_channels.values()) if not c.will_close]
+    if len(channels) < PRESSURE_AT * options.connection_limit:
+        return 0
+    shed = 0
+    for c in channels:
+        started = getattr(c, "request_started", None)
+        if started is None:
+            if c.requests or c.total_outbufs_len or getattr(c, "task_running", False) \
+                    or wall - c.last_activity <= PRESSURE_GRACE_S:
+                continue
+        elif now - started <= PRESSURE_GRACE_S or c.request_bytes / (now - started) >= options.min_rate_bytes_s:
+            continue
+        c.will_close = True
+        shed += 1
+    return shed
+
+
 QUEUE_WARN_DEPTH = 64  # with one thread per worker: requests waiting before waitress's warning is kept
 QUEUE_WARN_INTERVAL_S = 10.0  # and then at most one such warning in this many seconds
 
@@ -237,6 +283,7 @@ def guard(server: BaseWSGIServer, options: ServeOptions) -> None:
     def maintenance(now):
         idle_sweep(now)
         drop_slow_clients(server, options)
+        shed_under_pressure(server, options, wall=now)
     server.maintenance = maintenance
 
 

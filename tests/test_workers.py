@@ -1,6 +1,7 @@
 """#16 item 2: `python -m server --workers N` runs N processes on one port, each with its own
 interpreter, and stops them together."""
 import http.client
+import os
 import signal
 import subprocess
 import sys
@@ -62,6 +63,31 @@ def test_workers_share_one_port_and_stop_together(tiny_models):
     assert out.count("(waitress, 1 thread, worker process") == 2, out  # one handler thread per worker by default
     assert "Task queue depth" not in err  # a queue is the normal state with one thread: not logged per request
     assert all(not Path(f"/proc/{w}").exists() for w in workers)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balancing is Linux's")
+def test_a_worker_that_dies_after_starting_is_replaced(tiny_models):
+    """An out-of-memory kill of one worker took the supervisor and every other worker down with it:
+    now a worker that has served for a while is replaced, and the service goes on."""
+    from server.__main__ import WORKER_STARTUP_S
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(tiny_models["uint8"]), "--port", str(port),
+                             "--workers", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until_healthy(port)
+        time.sleep(WORKER_STARTUP_S + 0.5)
+        workers = children(proc.pid)
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (len(children(proc.pid)) < 2 or workers[0] in children(proc.pid)):
+            time.sleep(0.2)
+        now = children(proc.pid)
+        assert proc.poll() is None and len(now) == 2 and workers[0] not in now and workers[1] in now
+        wait_until_healthy(port)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    assert f"worker process {workers[0]} exited with status -9; starting another" in err
 
 
 def test_workers_port_in_use_is_one_line(tiny_models):
