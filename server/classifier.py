@@ -35,8 +35,9 @@ def model_card() -> dict:
     def scrub(cfg: dict) -> dict:
         return {k: short(v) if k in PATH_FIELDS else v for k, v in cfg.items()}
     card = {**meta, "config": scrub(meta.get("config", {}))}
-    if "head" in card:  # the head's weights (for activation maps) are for the runner, not for reading
-        card["head"] = {k: v for k, v in card["head"].items() if k != "kernel_b64"}
+    for part in ("head", "gate"):  # weights and the gate's basis (base64 arrays, 460 KB) are for the
+        if isinstance(card.get(part), dict):  # runner, not for reading: every client of this page paid for them
+            card[part] = {k: v for k, v in card[part].items() if not k.endswith("_b64")}
     if isinstance(meta.get("training_lineage"), dict):
         lineage = meta["training_lineage"]
         card["training_lineage"] = {**lineage, "run": short(lineage.get("run")),

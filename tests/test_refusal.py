@@ -200,11 +200,13 @@ def test_api_422_and_friendly_page(explained_model):
     assert r.status_code == 200 and r.json["refused"] is False and "heatmap" in r.json
 
 
-def test_head_weights_are_not_in_the_public_model_card(explained_model):
+def test_head_weights_and_gate_basis_are_not_in_the_public_model_card(explained_model):
+    """They are arrays for the runner (the shipped gate's basis alone is 437 KB of base64)."""
     from server import create_app
     app = create_app({"TESTING": True, "MODEL_PATH": str(explained_model), "NUM_THREADS": 1})
     card = app.test_client().get("/api/v1/model").json
     assert "kernel_b64" not in card["head"] and card["head"]["shape"] == [24, 1 + len(DIAGNOSES)]
+    assert card["gate"] and not [k for k in card["gate"] if k.endswith("_b64")], card["gate"].keys()
 
 
 # --------------------------------------------------------------------------- the shipped default
