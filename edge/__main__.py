@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; a reader that goes away (`| head`) ends it quietly; results or messages that
     cannot be written (stdout closed, a full disk) end it with EXIT_USAGE and no traceback."""
+    if sys.stderr is None:  # started with stderr closed (`2>&-`): messages go nowhere, results still out
+        sys.stderr = open(os.devnull, "w")
     if sys.stdout is None:  # started with its output closed (`>&-`): print() would drop every result
         say("error: standard output is closed; nowhere to write the results")
         return EXIT_USAGE

@@ -14,7 +14,7 @@ from pathlib import Path
 from edge import DEFAULT_MODEL, SidecarError
 from edge.runner import usable_cores
 
-EXIT_OK, EXIT_USAGE = 0, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def port_number(text: str) -> int:
@@ -167,9 +167,15 @@ def supervise(args, argv: list[str]) -> int:
             done = [i for i, p in enumerate(procs) if p.poll() is not None]
             now = time.monotonic()
             restarts = [t for t in restarts if now - t < 60]
-            if any(now - started[i] < WORKER_STARTUP_S for i in done) or len(restarts) + len(done) > WORKER_RESTARTS_PER_MIN:
-                # a worker that fails while starting (or keeps dying) would fail again: stop
+            if any(now - started[i] < WORKER_STARTUP_S for i in done):  # it would fail again: stop
                 status = next((procs[i].returncode for i in done if procs[i].returncode), EXIT_OK)
+                status = status if status >= 0 else EXIT_FAILED  # killed by a signal
+                break
+            if len(restarts) + len(done) > WORKER_RESTARTS_PER_MIN:
+                print(f"error: more than {WORKER_RESTARTS_PER_MIN} worker processes exited within a minute; "
+                      "stopping (run the server under a service manager that restarts it, e.g. systemd's "
+                      "Restart=on-failure)", file=sys.stderr, flush=True)
+                status = EXIT_FAILED
                 break
             for i in done:  # a worker that ran for a while and died (killed, out of memory): replace it
                 print(f"worker process {procs[i].pid} exited with status {procs[i].returncode}; starting another",

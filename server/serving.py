@@ -195,11 +195,17 @@ def too_slow(channel, options: ServeOptions, now: float) -> bool:
     return rate < options.min_rate_bytes_s
 
 
+def busy(channel) -> bool:
+    """Requests of this connection are queued or being answered: waitress reads no more of it
+    meanwhile, so a next request that began in the same read only seems to stall."""
+    return bool(getattr(channel, "requests", None)) or getattr(channel, "task_running", False)
+
+
 def drop_slow_clients(server: BaseWSGIServer, options: ServeOptions, now: float | None = None) -> int:
     """Close slow or stalled uploads, then the largest ones while all together hold too much."""
     now = time.monotonic() if now is None else now
     reading = [c for c in list(server.active_channels.values())
-               if getattr(c, "request_started", None) is not None and not c.will_close]
+               if getattr(c, "request_started", None) is not None and not c.will_close and not busy(c)]
     dropped = [c for c in reading if too_slow(c, options, now)]
     rest = sorted((c for c in reading if c not in dropped), key=lambda c: c.request_bytes)
     held = sum(c.request_bytes for c in rest)
@@ -232,9 +238,10 @@ def shed_under_pressure(server: BaseWSGIServer, options: ServeOptions, now: floa
     shed = 0
     for c in channels:
         started = getattr(c, "request_started", None)
+        if busy(c):
+            continue
         if started is None:
-            if c.requests or c.total_outbufs_len or getattr(c, "task_running", False) \
-                    or wall - c.last_activity <= PRESSURE_GRACE_S:
+            if c.total_outbufs_len or wall - c.last_activity <= PRESSURE_GRACE_S:
                 continue
         elif now - started <= PRESSURE_GRACE_S or c.request_bytes / (now - started) >= options.min_rate_bytes_s:
             continue

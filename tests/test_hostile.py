@@ -452,7 +452,8 @@ def test_shedding_rules_under_pressure():
     chans = {"idle": channel(last_activity=90), "idle young": channel(last_activity=99),
              "queued": channel(last_activity=90, requests=[1]), "sending": channel(last_activity=90, out=5),
              "serving": channel(last_activity=90, running=True), "slow": channel(started=95, nbytes=100),
-             "fast": channel(started=95, nbytes=10**5), "arriving young": channel(started=99, nbytes=1)}
+             "fast": channel(started=95, nbytes=10**5), "arriving young": channel(started=99, nbytes=1),
+             "next behind a queued one": channel(started=95, nbytes=10, requests=[1])}
     few = dict(list(chans.items())[:7])  # 7 < 0.8 x 10
     assert shed_under_pressure(SimpleNamespace(active_channels=few), opts, now=100, wall=100) == 0
     assert shed_under_pressure(SimpleNamespace(active_channels=chans), opts, now=100, wall=100) == 2
@@ -664,6 +665,9 @@ def test_cli_with_its_output_closed_or_full_exits_2_without_a_traceback(tiny_mod
     closed = subprocess.run(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=60,
                             preexec_fn=lambda: os.close(1))
     assert closed.returncode == 2 and "standard output is closed" in closed.stderr, closed.stderr
+    no_err = subprocess.run(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, timeout=60,
+                            preexec_fn=lambda: os.close(2))
+    assert no_err.returncode == 0 and "not melanoma" in no_err.stdout and "predicted" not in no_err.stdout
     with open("/dev/full", "w") as full:
         out_full = subprocess.run(cmd, cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
         err_full = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=full, timeout=60)

@@ -83,7 +83,11 @@ def test_a_worker_that_dies_after_starting_is_replaced(tiny_models):
             time.sleep(0.2)
         now = children(proc.pid)
         assert proc.poll() is None and len(now) == 2 and workers[0] not in now and workers[1] in now
-        wait_until_healthy(port)
+        time.sleep(3)  # the replacement loads its model
+        for _ in range(8):  # both workers answer (SO_REUSEPORT spreads new connections)
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            c.request("GET", "/healthz")
+            assert c.getresponse().status == 200
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
