@@ -12,8 +12,14 @@ What waitress does by default, and what is changed here (see the README's "Limit
   under `min_rate_bytes_s` over a grace-long window (a fast start buys no time), or is still
   arriving after `request_timeout_s`; and when the unfinished requests together hold more than
   `max_buffered_bytes`, the largest are dropped until they fit.
+- At its connection limit it stops accepting, and idle connections live 30 s:
+  `shed_under_pressure` closes idle and slowly arriving connections after 2 s once 80 % of
+  the limit is open.
+- It answers every pipelined request of one read: `limit_pipelining` answers 8, then closes.
+- A Content-Length that int() refuses (over 4,300 digits) escaped its parser: 400 instead.
 - Its own error answers (413, 400, 431) are plain text: `FriendlyErrorTask` answers JSON under
   /api/ and a short page elsewhere, in the app's words.
+- It logs "Task queue depth" for every waiting request: `DeepQueueLogger`.
 And for speed: the main loop leaves a running task's output to the task (`GuardedChannel.writable`).
 """
 from __future__ import annotations
