@@ -262,9 +262,8 @@ def silence(stream) -> None:
 
 
 def say(message: str) -> None:
-    """A message on stderr, if stderr can take it (closed or on a full disk, it is dropped)."""
-    if sys.stderr is None:
-        return
+    """A message on stderr, if stderr can take it (on a full disk it is dropped; `main` has put a
+    closed stderr on /dev/null)."""
     try:
         print(message, file=sys.stderr, flush=True)
     except OSError:

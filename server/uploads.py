@@ -80,13 +80,10 @@ def file_name(segment) -> str | None:
 
 class InMemoryRequest(Request):
     """Werkzeug spools uploads over 500 KB to a temporary file; medical images must not touch
-    the disk, so every file part is kept in a BytesIO (bounded by MAX_CONTENT_LENGTH), and
-    parsed by PushFormDataParser."""
+    the disk: PushFormDataParser keeps every file part in a BytesIO (bounded by
+    MAX_CONTENT_LENGTH)."""
 
     form_data_parser_class = PushFormDataParser
-
-    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
-        return io.BytesIO()  # werkzeug's own parser, should it ever be used again: memory too
 
 
 def read_upload(field: str = "image") -> bytes:
