@@ -32,10 +32,11 @@ class CardError(ValueError):
 
 def leave_source_out(reports_dir: Path) -> list[dict]:
     """The leave-source-out reports (`python -m train.evaluate --data ... --out
-    reports/leave_source_out/NAME`), oldest recipe first."""
+    reports/leave_source_out/NAME`): trained on HAM10000 first, binary before multi-task, and the rows of
+    one run (e.g. its Keras and int8 files) next to each other."""
     found = [json.loads(p.read_text()) for p in sorted(Path(reports_dir).glob("leave_source_out/*/metrics.json"))]
     return sorted(found, key=lambda r: (r.get("trained_on", []) != ["ham10000"], r.get("recipe", {}).get("target") != "binary",
-                                        r.get("model", "")))
+                                        r.get("run", ""), r.get("model", "")))
 
 
 def read_json(path: Path) -> dict | None:

@@ -125,3 +125,20 @@ def test_card_is_a_subcommand(tmp_path, capsys):
     assert main(["card", "--out", str(out)]) == 0
     text = out.read_text()
     assert text.startswith("# Model card") and "## Decision threshold" in text and "not a diagnosis" in text.lower()
+
+
+def test_leave_source_out_rows_of_one_run_stay_together(tmp_path):
+    from quantize.card import leave_source_out
+    rows = [("a", "ham10000", "multitask", "lso_ham_mt", "model.h5"),
+            ("b", "ham10000", "multitask", "lso_ham_mt", "efficientnet_lite0_int8.tflite"),
+            ("c", "ham10000", "multitask", "lso_ham_e8", "model.h5"),
+            ("d", "ham10000", "binary", "lso_ham_old", "model.h5"),
+            ("e", "isic2017", "binary", "lso_isic", "model.h5")]
+    for name, source, target, run, model in rows:
+        (tmp_path / "leave_source_out" / name).mkdir(parents=True)
+        (tmp_path / "leave_source_out" / name / "metrics.json").write_text(json.dumps(
+            {"trained_on": [source], "recipe": {"target": target}, "run": run, "model": model}))
+    order = [(r["run"], r["model"]) for r in leave_source_out(tmp_path)]
+    assert order == [("lso_ham_old", "model.h5"), ("lso_ham_e8", "model.h5"),
+                     ("lso_ham_mt", "efficientnet_lite0_int8.tflite"), ("lso_ham_mt", "model.h5"),
+                     ("lso_isic", "model.h5")]
