@@ -4,6 +4,9 @@ Policy (recorded in every model sidecar under "preprocessing"):
   1. Decode with Pillow, through one bounded decoder (`open_image`):
      - only JPEG, PNG, WebP, TIFF and BMP are opened (`ALLOWED_FORMATS`); every other format
        Pillow knows (EPS, PCX, SGI, ...) is refused before its plug-in parses anything;
+     - metadata Pillow loads while opening (a TIFF's directory, a JPEG's EXIF and MPF blocks)
+       or when the orientation is read (PNG and WebP EXIF) is refused when its tags point so
+       often at the same bytes that Pillow would copy far more than the file holds (`check_tags`);
      - the header is checked before any pixel is decoded: total pixels, each side, aspect
        ratio and the bytes the decoded image would take (`DecodeLimits`);
      - JPEGs use draft mode, so a 6000x4000 photo is decoded at the smallest 1/2, 1/4 or 1/8
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import threading
 import warnings
@@ -167,13 +171,15 @@ def read_source(source: ImageSource, limits: DecodeLimits) -> tuple[str, io.Byte
         raise ImageError(name, f"cannot be read ({e.strerror or 'access error'})") from None
 
 
-def peak_bytes(img: Image.Image, full_size: tuple[int, int] | None = None) -> int:
+def peak_bytes(img: Image.Image, full_size: tuple[int, int] | None = None, scans: int = 1) -> int:
     """Estimated peak memory of decoding and shrinking `img` at its current (draft) size.
-    `full_size` is the size before JPEG draft mode: a progressive JPEG keeps every DCT
-    coefficient of the full image (2 bytes each, per component) whatever the output scale."""
+    `full_size` is the size before JPEG draft mode: a JPEG in several scans (progressive, or
+    sequential with one scan per component) keeps every DCT coefficient of the full image
+    (2 bytes each, per component) whatever the output scale."""
     w, h = img.size
     extra = 0
-    if img.format in ("JPEG", "MPO") and (img.info.get("progressive") or img.info.get("progression")):
+    multi_scan = scans > 1 or img.info.get("progressive") or img.info.get("progression")
+    if img.format in ("JPEG", "MPO") and multi_scan:
         fw, fh = full_size or img.size
         extra = fw * fh * 2 * len(img.getbands())
     if img.format == "TIFF":  # libtiff allocates whole tiles, whatever the image size says
@@ -238,17 +244,125 @@ def _ceil16(n: int) -> int:
     return -(-n // 16) * 16
 
 
-def check_scans(stream: io.BytesIO, img: Image.Image, name: str, limits: DecodeLimits) -> None:
-    """A progressive JPEG with thousands of (repeated) scans keeps a core busy for minutes."""
-    if img.format in ("JPEG", "MPO"):
-        scans = stream.getvalue().count(b"\xff\xda")  # SOS markers (0xFF is byte-stuffed in scan data)
-        if scans > limits.max_jpeg_scans:
-            raise ImageError(name, f"a JPEG with {scans} scans (a photo has at most a few dozen)")
+# A marker in JPEG entropy-coded data: 0xFF followed by neither a stuffed 0x00, a restart marker
+# (D0-D7) nor another 0xFF (fill bytes before a marker).
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_JPEG_BARE_MARKERS = {0x01, 0xD8} | set(range(0xD0, 0xD8))  # markers without a length field
 
 
-def check_memory(img: Image.Image, name: str, limits: DecodeLimits, full_size=None) -> int:
+def jpeg_segments(data: bytes) -> tuple[list[tuple[int, int, int]], int]:
+    """([(marker, start, end) of each header segment before the first scan], scans), where
+    scans counts the SOS markers of the main image, up to its EOI. Thumbnails inside EXIF and
+    the further pictures of an MPO file are not counted: libjpeg decodes only the main image.
+    Junk between segments is skipped to the next marker, as libjpeg does."""
+    segments, scans, pos, n = [], 0, 2, len(data)
+    while pos + 1 < n:
+        if data[pos] != 0xFF or data[pos + 1] in (0x00, 0xFF):
+            m = _JPEG_MARKER.search(data, pos)
+            if m is None:
+                break
+            pos = m.start()
+        marker = data[pos + 1]
+        if marker == 0xD9:  # EOI
+            break
+        if marker in _JPEG_BARE_MARKERS:
+            pos += 2
+            continue
+        if pos + 4 > n:
+            break
+        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xDA:  # SOS: its header, then entropy-coded data up to the next marker
+            scans += 1
+            m = _JPEG_MARKER.search(data, end)
+            if m is None:
+                break
+            pos = m.start()
+            continue
+        if not scans:
+            segments.append((marker, pos + 4, min(end, n)))
+        pos = end
+    return segments, scans
+
+
+def check_scans(stream: io.BytesIO, img: Image.Image, name: str, limits: DecodeLimits) -> int:
+    """The number of scans of a JPEG's main image (1 for other formats). A progressive JPEG with
+    thousands of (repeated) scans keeps a core busy for minutes."""
+    if img.format not in ("JPEG", "MPO"):
+        return 1
+    scans = jpeg_segments(stream.getbuffer())[1]
+    if scans > limits.max_jpeg_scans:
+        raise ImageError(name, f"a JPEG with {scans} scans (a photo has at most a few dozen)")
+    return max(scans, 1)
+
+
+# Bytes per value of each TIFF field type Pillow loads (it skips the types it does not know).
+_TIFF_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8}
+# What the metadata of one image may make Pillow copy beyond the bytes it is stored in.
+METADATA_SLACK_BYTES = 1 << 20
+
+
+def tiff_tag_bytes(buf: bytes, start: int = 0) -> int:
+    """Bytes Pillow copies to load the first IFD of the TIFF structure at buf[start:] (a TIFF file,
+    an EXIF block, a JPEG's MPF segment): the values stored outside their IFD entries, each capped
+    at what the buffer holds past its offset. Each value of a real file is stored once, so this
+    stays within the buffer's size; a crafted file points thousands of tags at one block.
+    0 when there is no TIFF header at `start`."""
+    head = buf[start:start + 16]
+    order = {b"II": "little", b"MM": "big"}.get(bytes(head[:2]))
+    if order is None or len(head) < 8:
+        return 0
+    magic = int.from_bytes(head[2:4], order)
+    if magic not in (42, 43):
+        return 0
+    big = magic == 43
+    if big and len(head) < 16:
+        return 0
+    word, inline, entry_size = (8, 8, 20) if big else (4, 4, 12)
+    ifd = start + int.from_bytes(head[8:16] if big else head[4:8], order)
+    count_size = 8 if big else 2
+    if ifd < start or ifd + count_size > len(buf):
+        return 0
+    entries = int.from_bytes(buf[ifd:ifd + count_size], order)
+    first = ifd + count_size
+    entries = min(entries, (len(buf) - first) // entry_size)
+    total = 0
+    for i in range(entries):
+        e = first + i * entry_size
+        unit = _TIFF_TYPE_BYTES.get(int.from_bytes(buf[e + 2:e + 4], order))
+        if unit is None:
+            continue
+        size = int.from_bytes(buf[e + 4:e + 4 + word], order) * unit
+        if size > inline:
+            offset = start + int.from_bytes(buf[e + 4 + word:e + 4 + 2 * word], order)
+            total += max(0, min(size, len(buf) - offset))
+    return total
+
+
+def check_tags(buf: bytes, start: int, name: str, where: str) -> None:
+    """Refuse metadata whose tags would make Pillow copy far more than the bytes they occupy."""
+    copied = tiff_tag_bytes(buf, start)
+    if copied > len(buf) - start + METADATA_SLACK_BYTES:
+        raise ImageError(name, f"its {where} declares {copied / 2**20:,.0f} MB of values in "
+                         f"{(len(buf) - start) / 2**20:,.1f} MB (crafted or damaged metadata)")
+
+
+def check_metadata(data: bytes, name: str) -> None:
+    """Before Pillow opens the file: the TIFF directory of a TIFF file, and the EXIF (APP1) and
+    multi-picture (APP2 MPF) blocks of a JPEG, all of which Pillow loads while opening."""
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        check_tags(data, 0, name, "TIFF directory")
+    elif data[:2] == b"\xff\xd8":
+        for marker, begin, end in jpeg_segments(data)[0]:
+            block = data[begin:end]
+            if marker == 0xE1 and block[:6] == b"Exif\x00\x00":
+                check_tags(block, 6, name, "EXIF block")
+            elif marker == 0xE2 and block[:4] == b"MPF\x00":
+                check_tags(block, 4, name, "multi-picture block")
+
+
+def check_memory(img: Image.Image, name: str, limits: DecodeLimits, full_size=None, scans: int = 1) -> int:
     """Refuse an image whose decode would need more than the limit; return the estimate."""
-    need = peak_bytes(img, full_size)
+    need = peak_bytes(img, full_size, scans)
     if need > limits.max_decode_bytes:
         w, h = img.size
         raise ImageError(name, f"{w}x{h} pixels in this format and bit depth would need over "
@@ -273,9 +387,13 @@ _ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_18
                 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
-def orientation(img: Image.Image) -> Image.Transpose | None:
+def orientation(img: Image.Image, name: str = "image") -> Image.Transpose | None:
     """The transpose that the EXIF orientation tag asks for (as ImageOps.exif_transpose), read
-    before the image is reduced; a malformed EXIF block is ignored, not fatal."""
+    before the image is reduced; a malformed EXIF block is ignored, not fatal, but one whose tags
+    would copy far more than it holds is refused first (PNG and WebP EXIF are parsed only here)."""
+    exif = img.info.get("exif")
+    if img.format != "TIFF" and isinstance(exif, (bytes, bytearray)):  # a TIFF's: check_metadata
+        check_tags(exif, 6 if exif[:6] == b"Exif\x00\x00" else 0, name, "EXIF block")
     try:
         return _ORIENTATION.get(img.getexif().get(0x0112))
     except Exception:  # noqa: BLE001 - broken metadata in a readable photo
@@ -307,16 +425,17 @@ def open_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None
     limits = limits or DecodeLimits(max_pixels=max_pixels)
     name, stream = read_source(source, limits)
     try:
+        check_metadata(stream.getbuffer(), name)
         with Image.open(stream, formats=ALLOWED_FORMATS) as img:
             check_header(img, name, limits)
-            check_scans(stream, img, name, limits)
+            scans = check_scans(stream, img, name, limits)
             full_size = img.size
             if draft_size is not None and img.format in ("JPEG", "MPO"):
                 img.draft("RGB", (draft_size[1] * 2, draft_size[0] * 2))
-            need = check_memory(img, name, limits, full_size)
+            need = check_memory(img, name, limits, full_size, scans)
             with budget.reserve(need) if budget is not None else nullcontext():
                 img.load()
-                is_jpeg, mode, turn = img.format in ("JPEG", "MPO"), img.mode, orientation(img)
+                is_jpeg, mode, turn = img.format in ("JPEG", "MPO"), img.mode, orientation(img, name)
                 out = shrink(img, draft_size)
                 if is_jpeg:  # before the EXIF turn: libjpeg's padding is at the bottom of the stored image
                     check_complete(out, name, len(stream.getbuffer()), full_size)

@@ -5,7 +5,8 @@ What waitress does by default, and what is changed here (see the README's "Limit
   limit is raised above the largest accepted body, so uploads stay in memory.
 - Bodies are refused only from 1 GiB: `max_request_body_size` is set to the app's upload limit
   (plus room for the multipart envelope), so an oversized `Content-Length` is answered with 413
-  before the body is read, and a chunked body is cut off once it passes the limit.
+  before the body is read, and a chunked body is cut off once it passes the limit (or as soon as
+  one chunk declares more than it can still take).
 - Its timeout counts inactivity only, so a client sending a byte a second holds a connection
   for ever: `GuardedChannel` records when each request started and how much of it arrived, and
   `drop_slow_clients` closes a connection whose request, after `request_grace_s`, receives
@@ -34,7 +35,7 @@ from html import escape
 from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer, create_server
 from waitress.task import ErrorTask
-from waitress.utilities import BadRequest
+from waitress.utilities import BadRequest, RequestEntityTooLarge
 
 from edge import DISCLAIMER
 
@@ -156,6 +157,9 @@ class GuardedChannel(HTTPChannel):
         except ValueError:  # int() refuses a Content-Length of over 4,300 digits; waitress catches
             self.refuse_request("Content-Length is invalid")  # only its own errors and dropped the connection
             done = True
+        if self.request is not None and self.request.error is None and chunk_over_limit(self.request):
+            self.refuse_request(RequestEntityTooLarge("a chunk declares more than the limit"))
+            done = True
         with self.requests_lock:
             if len(self.requests) > MAX_PIPELINED:
                 self.limit_pipelining()
@@ -163,11 +167,12 @@ class GuardedChannel(HTTPChannel):
             self.request_started = None
         return done
 
-    def refuse_request(self, reason: str):
-        """Answer the request being read with waitress's 400 (FriendlyErrorTask), then close."""
+    def refuse_request(self, error):
+        """Answer the request being read with `error` (a waitress Error, or a 400's reason) through
+        FriendlyErrorTask, then close."""
         with self.requests_lock:
             bad = self.request if self.request is not None else self.parser_class(self.adj)
-            bad.error, bad.completed = BadRequest(reason), True
+            bad.error, bad.completed = BadRequest(error) if isinstance(error, str) else error, True
             self.request = None
             self.requests.append(bad)
             if len(self.requests) == 1:
@@ -187,6 +192,14 @@ class GuardedChannel(HTTPChannel):
         if self.request is not None:  # a partly read next request: never to be answered
             self.request.close()
             self.request = None
+
+
+def chunk_over_limit(request) -> bool:
+    """A chunked body whose current chunk declares more than the limit can still take: waitress
+    would wait for all of it (or for the slow-client rule) before its 413; answer at once."""
+    receiver = getattr(request, "body_rcv", None) if getattr(request, "chunked", False) else None
+    remainder = getattr(receiver, "chunk_remainder", 0)
+    return remainder > 0 and request.body_bytes_received + remainder >= request.adj.max_request_body_size
 
 
 def too_slow(channel, options: ServeOptions, now: float) -> bool:

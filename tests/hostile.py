@@ -5,6 +5,7 @@
   hdr_     headers that declare huge, zero or absurd sizes, in allowed and refused formats
   bomb_    real decompression bombs: tiny files that decode to gigabytes (1 x 64,000,000 PNG, ...)
   chunk_   PNG text/ICC chunks over Pillow's limits, and thousands of chunks
+  meta_    TIFF directories and EXIF/MPF blocks whose tags all point at one block (copied per tag)
   aspect_  extreme aspect ratios within the pixel limit
   mode_    every mode and bit depth (16-bit, float with NaN/inf, CMYK, palette, 1-bit, RLE BMP)
   fmt_     valid images in formats that are refused (GIF, EPS, PCX, SGI, TGA, ICO, PPM, ...)
@@ -93,6 +94,66 @@ def tiff_with_tile(width: int, height: int, tile: int) -> bytes:
     entries = b"".join(struct.pack("<HHII", tag, kind, 1, data_offset if tag == 324 else value)
                        for tag, kind, value in tags)
     return b"II*\x00" + struct.pack("<I", ifd_offset) + struct.pack("<H", len(tags)) + entries + bytes(4) + data
+
+
+def amplified_ifd(n_tags: int, payload: int, base=()) -> tuple[bytes, int]:
+    """(a little-endian TIFF structure whose first IFD holds `base` entries (tag, type, value;
+    value None points at the payload) and n_tags private BYTE tags that all point at the same
+    `payload` zero bytes, the payload's offset). Loading its tags copies n_tags x payload bytes."""
+    entries = sorted(list(base) + [(40000 + i, 1, None) for i in range(n_tags)], key=lambda e: e[0])
+    payload_at = 8 + 2 + 12 * len(entries) + 4
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        if value is None:
+            ifd += struct.pack("<HHII", tag, kind, payload if kind == 1 else 1, payload_at)
+        else:
+            ifd += struct.pack("<HHIHH" if kind == 3 else "<HHII", tag, kind, 1, value, *((0,) if kind == 3 else ()))
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + bytes(4) + bytes(payload), payload_at
+
+
+def jpeg_with_segment(marker: int, block: bytes) -> bytes:
+    jpeg = save(lesion(14, size=(48, 40)), "JPEG")
+    return jpeg[:2] + bytes([0xFF, marker]) + struct.pack(">H", len(block) + 2) + block + jpeg[2:]
+
+
+def metadata_bombs() -> dict[str, bytes]:
+    """Metadata whose many tags all point at one block: Pillow copies the block once per tag while
+    opening the file (TIFF directory, JPEG EXIF and MPF) or reading its EXIF orientation (PNG,
+    WebP). 4 MB files that would take 1.2 GB (TIFF: twice that), and 64 KB JPEG segments 86 MB."""
+    # a 64 x 64 grey TIFF whose strip is the payload (zeros), plus 300 tags on the same 4 MB
+    strip = [(256, 3, 64), (257, 3, 64), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, None),
+             (277, 3, 1), (278, 3, 64), (279, 4, 64 * 64)]
+    tiff, at = amplified_ifd(300, 4 << 20, strip)
+    exif, _ = amplified_ifd(300, 4 << 20, [(0x0112, 3, 1)])
+    small, _ = amplified_ifd(2700, 32000)
+    img = lesion(15, size=(64, 48))
+    return {"meta_tiff_300_tags_on_4MB.tif": tiff,
+            "meta_png_exif_300_tags_on_4MB.png": save(img, "PNG", exif=exif),
+            "meta_webp_exif_300_tags_on_4MB.webp": save(img, "WEBP", exif=b"Exif\x00\x00" + exif),
+            "meta_jpeg_exif_2700_tags_on_32KB.jpg": jpeg_with_segment(0xE1, b"Exif\x00\x00" + small),
+            "meta_jpeg_mpf_2700_tags_on_32KB.jpg": jpeg_with_segment(0xE2, b"MPF\x00" + small)}
+
+
+def multiscan_jpeg(side: int, components: int = 3) -> bytes:
+    """A flat grey sequential (SOF0) JPEG with one scan per component, not interleaved: libjpeg
+    keeps every DCT coefficient of the full image to decode it, whatever the draft scale."""
+    def seg(marker, payload):
+        return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+    blocks = (side // 8) ** 2
+    assert side % 8 == 0 and blocks % 4 == 0
+    comps = b"".join(bytes([i + 1, 0x11, 0]) for i in range(components))
+    dc_bits, ac_bits = [0, 1, 5, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0], [0, 2, 1, 3, 3, 2, 4, 3, 5, 5, 4, 4, 0, 0, 1, 0x7D]
+    ac_values = bytes.fromhex(  # the standard luminance AC table (ITU T.81, K.3)
+        "01020300041105122131410613516107227114328191a1082342b1c11552d1f02433627282090a161718191a25262728"
+        "292a3435363738393a434445464748494a535455565758595a636465666768696a737475767778797a838485868788898a"
+        "92939495969798999aa2a3a4a5a6a7a8a9aab2b3b4b5b6b7b8b9bac2c3c4c5c6c7c8c9cad2d3d4d5d6d7d8d9dae1e2e3e4"
+        "e5e6e7e8e9eaf1f2f3f4f5f6f7f8f9fa")
+    out = (b"\xff\xd8" + seg(0xDB, bytes([0]) + bytes([1] * 64))
+           + seg(0xC0, struct.pack(">BHHB", 8, side, side, components) + comps)
+           + seg(0xC4, bytes([0x00]) + bytes(dc_bits) + bytes(range(12)) + bytes([0x10]) + bytes(ac_bits) + ac_values))
+    for i in range(components):  # per block: DC difference 0 ("00") and end of block ("1010")
+        out += seg(0xDA, bytes([1, i + 1, 0x00]) + b"\x00\x3f\x00") + b"\x28\xa2\x8a" * (blocks // 4)
+    return out + b"\xff\xd9"
 
 
 def repeat_last_scan(jpeg: bytes, times: int) -> bytes:
@@ -350,7 +411,7 @@ def corpus() -> dict[str, bytes]:
     """Every hostile file, plus the valid ones (which must still be classified)."""
     valid = valid_files()
     files = {**valid}
-    for part in (truncations(valid), header_sizes(), bombs(), chunk_bombs(), aspects(), modes(),
+    for part in (truncations(valid), header_sizes(), bombs(), chunk_bombs(), metadata_bombs(), aspects(), modes(),
                  refused_formats(), fakes(), polyglots(valid), mutations(valid)):
         files.update(part)
     return files

@@ -227,6 +227,22 @@ def test_chunked_body_cut_off_at_the_limit(real_server):
     assert real_server.temp_files() == []
 
 
+def test_a_chunk_declared_over_the_limit_gets_413_at_once(real_server):
+    """A first chunk that declares 256 MB is answered 413 as soon as its size line arrives, not
+    left waiting for data that could never be accepted (it was closed without an answer)."""
+    for path in ("/api/v1/predict", "/predict"):
+        t0 = time.perf_counter()
+        s = raw_request(real_server.port, f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+                                          "Content-Type: multipart/form-data; boundary=b\r\n\r\n10000000\r\n--b\r\n")
+        response = read_response(s, timeout=5)
+        s.close()
+        assert response.startswith(b"HTTP/1.1 413") and b"upload too large" in response, response[:300]
+        assert time.perf_counter() - t0 < 1.5  # the slow-client rule would have closed it after 2 s
+    ok = raw_request(real_server.port, "POST /api/v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+                                       "Content-Type: multipart/form-data; boundary=b\r\n\r\n4\r\n--b-\r\n0\r\n\r\n")
+    assert read_response(ok).startswith(b"HTTP/1.1 400")  # a small chunk is read as before
+
+
 def test_one_mb_upload_stays_in_memory(real_server):
     """Above waitress's 512 KB spooling size: classified, and no temporary file is created."""
     from PIL import Image

@@ -174,3 +174,79 @@ def test_short_jpeg_is_refused_when_rotated_too():
     data[sof + 5:sof + 9] = struct.pack(">HH", 4000, 6000)
     with pytest.raises(ImageError, match="less image data than its header declares"):
         preprocess(bytes(data))
+
+
+# --------------------------------------------------------------------------- metadata and scans
+def _peak_python_bytes(fn):
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("name", ["meta_tiff_300_tags_on_4MB.tif", "meta_png_exif_300_tags_on_4MB.png",
+                                  "meta_webp_exif_300_tags_on_4MB.webp", "meta_jpeg_exif_2700_tags_on_32KB.jpg",
+                                  "meta_jpeg_mpf_2700_tags_on_32KB.jpg"])
+def test_metadata_whose_tags_share_one_block_is_refused_before_pillow_copies_it(name):
+    """Pillow copies a tag's value once per tag that points at it, while opening the file (TIFF,
+    JPEG EXIF and MPF) or reading the EXIF orientation (PNG, WebP): 300 tags on one 4 MB block
+    took 1.2 GB (a 10 MB TIFF took a server to 3.2 GB)."""
+    from .hostile import metadata_bombs
+    data = metadata_bombs()[name]
+
+    def attempt():
+        with pytest.raises(ImageError, match="crafted or damaged metadata"):
+            open_image(data, draft_size=(224, 224))
+    assert _peak_python_bytes(attempt) < 3 * len(data) + (8 << 20)
+
+
+def test_real_metadata_is_not_mistaken_for_a_crafted_one():
+    """EXIF with an orientation and a thumbnail-sized block, an ICC profile, a TIFF with its own
+    tags: all decode, and each value is counted once."""
+    from edge.preprocess import tiff_tag_bytes
+    img = lesion_image(5, size=(120, 90))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010E] = "x" * 5000  # ImageDescription, stored outside its entry
+    icc = bytes(range(256)) * 2000
+    for fmt in ("JPEG", "PNG", "WEBP", "TIFF"):
+        buf = io.BytesIO()
+        img.save(buf, fmt, exif=exif, icc_profile=icc)
+        out = open_image(buf.getvalue())
+        assert out.size == (90, 120), fmt  # turned by the orientation tag
+    tif = io.BytesIO()
+    img.save(tif, "TIFF", icc_profile=icc, description="y" * 5000)
+    assert 512_000 + 5000 <= tiff_tag_bytes(tif.getvalue()) <= len(tif.getvalue())
+
+
+def test_jpeg_scans_are_counted_in_the_main_image_only():
+    """A thumbnail inside the EXIF block and a second picture after the end (MPO) are not scans
+    libjpeg decodes; a progressive JPEG's scans are."""
+    from edge.preprocess import jpeg_segments
+
+    from .hostile import amplified_ifd, jpeg_with_segment
+    thumb = jpeg_bytes(lesion_image(1, size=(32, 24)), progressive=True)
+    with_thumb = jpeg_with_segment(0xE1, b"Exif\x00\x00" + amplified_ifd(0, 16)[0] + thumb)
+    assert jpeg_segments(with_thumb)[1] == 1
+    assert jpeg_segments(with_thumb + jpeg_bytes(lesion_image(2), progressive=True))[1] == 1
+    assert jpeg_segments(jpeg_bytes(lesion_image(3), progressive=True))[1] > 3
+
+
+def test_sequential_jpeg_in_several_scans_counts_full_size_coefficients():
+    """One scan per component (not interleaved): libjpeg keeps the whole image's coefficients even
+    at a 1/8 draft (a 7200 x 7200 CMYK file of 2.4 MB was estimated at 3 MB and took 400 MB)."""
+    from edge.preprocess import DecodeLimits, check_scans, peak_bytes
+
+    from .hostile import multiscan_jpeg
+    data = multiscan_jpeg(4992)
+    img = Image.open(io.BytesIO(data))
+    assert check_scans(io.BytesIO(data), img, "x", DecodeLimits()) == 3
+    img.draft("RGB", (448, 448))
+    assert peak_bytes(img, (4992, 4992), scans=3) >= 4992 * 4992 * 2 * 3
+    with pytest.raises(ImageError, match="would need over 100 MB"):
+        open_image(data, draft_size=(224, 224), limits=DecodeLimits(max_decode_bytes=100 << 20))
+    assert open_image(multiscan_jpeg(64), draft_size=(224, 224)).size == (64, 64)  # small ones still decode
