@@ -450,6 +450,11 @@ def open_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None
                          f"{limits.max_pixels:,}") from None
     except MemoryError:
         raise ImageError(name, "the image is too large to decode") from None
+    except ValueError as e:
+        if "MAX_TEXT" not in str(e):  # Pillow's PNG limits on text and colour-profile chunks
+            raise ImageError(name, "damaged or truncated image, it cannot be decoded") from None
+        raise ImageError(name, "its metadata (a text or colour-profile chunk) is over the 1 MB "
+                         "allowed; save the picture without it") from None
     except Exception:  # noqa: BLE001 - any decoder failure is the input's fault, never a crash
         raise ImageError(name, "damaged or truncated image, it cannot be decoded") from None
 

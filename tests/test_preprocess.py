@@ -250,3 +250,11 @@ def test_sequential_jpeg_in_several_scans_counts_full_size_coefficients():
     with pytest.raises(ImageError, match="would need over 100 MB"):
         open_image(data, draft_size=(224, 224), limits=DecodeLimits(max_decode_bytes=100 << 20))
     assert open_image(multiscan_jpeg(64), draft_size=(224, 224)).size == (64, 64)  # small ones still decode
+
+
+def test_png_metadata_over_pillows_chunk_limit_is_named():
+    """A 2 MB colour profile is over Pillow's PNG chunk limit: say so, not "damaged"."""
+    buf = io.BytesIO()
+    lesion_image(6).save(buf, "PNG", icc_profile=bytes(2 << 20))
+    with pytest.raises(ImageError, match="colour-profile chunk"):
+        open_image(buf.getvalue())
