@@ -4,9 +4,10 @@ Policy (recorded in every model sidecar under "preprocessing"):
   1. Decode with Pillow, through one bounded decoder (`open_image`):
      - only JPEG, PNG, WebP, TIFF and BMP are opened (`ALLOWED_FORMATS`); every other format
        Pillow knows (EPS, PCX, SGI, ...) is refused before its plug-in parses anything;
-     - metadata Pillow loads while opening (a TIFF's directory, a JPEG's EXIF and MPF blocks)
-       or when the orientation is read (PNG and WebP EXIF) is refused when its tags point so
-       often at the same bytes that Pillow would copy far more than the file holds (`check_tags`);
+     - every TIFF directory Pillow loads (a TIFF's pages and sub-directories, EXIF in any
+       format, a JPEG's multi-picture block) is checked first: one whose tags would make
+       Pillow copy far more than the file holds, or list tens of thousands of strips, is left
+       unread and the file refused (`ifd_guard`); so is a JPEG with thousands of segments;
      - the header is checked before any pixel is decoded: total pixels, each side, aspect
        ratio and the bytes the decoded image would take (`DecodeLimits`);
      - JPEGs use draft mode, so a 6000x4000 photo is decoded at the smallest 1/2, 1/4 or 1/8
@@ -45,7 +46,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, PngImagePlugin, TiffImagePlugin, UnidentifiedImageError
 
 ImageSource = Union[str, Path, bytes, io.BytesIO]
 
@@ -171,15 +172,16 @@ def read_source(source: ImageSource, limits: DecodeLimits) -> tuple[str, io.Byte
         raise ImageError(name, f"cannot be read ({e.strerror or 'access error'})") from None
 
 
-def peak_bytes(img: Image.Image, full_size: tuple[int, int] | None = None, scans: int = 1) -> int:
+def peak_bytes(img: Image.Image, full_size: tuple[int, int] | None = None,
+               whole_image_coefficients: bool = False) -> int:
     """Estimated peak memory of decoding and shrinking `img` at its current (draft) size.
-    `full_size` is the size before JPEG draft mode: a JPEG in several scans (progressive, or
-    sequential with one scan per component) keeps every DCT coefficient of the full image
-    (2 bytes each, per component) whatever the output scale."""
+    `full_size` is the size before JPEG draft mode: a JPEG that libjpeg decodes with the whole
+    image's coefficients (progressive, or sequential in several scans: `jpeg_layout`) keeps every
+    one (2 bytes each, per component) whatever the output scale."""
     w, h = img.size
     extra = 0
-    multi_scan = scans > 1 or img.info.get("progressive") or img.info.get("progression")
-    if img.format in ("JPEG", "MPO") and multi_scan:
+    buffered = whole_image_coefficients or img.info.get("progressive") or img.info.get("progression")
+    if img.format in ("JPEG", "MPO") and buffered:
         fw, fh = full_size or img.size
         extra = fw * fh * 2 * len(img.getbands())
     if img.format == "TIFF":  # libtiff allocates whole tiles, whatever the image size says
@@ -248,14 +250,25 @@ def _ceil16(n: int) -> int:
 # (D0-D7) nor another 0xFF (fill bytes before a marker).
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _JPEG_BARE_MARKERS = {0x01, 0xD8} | set(range(0xD0, 0xD8))  # markers without a length field
+_JPEG_SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start of frame (C4 DHT, C8 JPG, CC DAC)
+_JPEG_PROGRESSIVE_SOF = {0xC2, 0xC6, 0xCA, 0xCE}
+MAX_JPEG_HEADER_SEGMENTS = 4096  # a photo has a few dozen; Pillow keeps a list entry for each
 
 
-def jpeg_segments(data: bytes) -> tuple[list[tuple[int, int, int]], int]:
-    """([(marker, start, end) of each header segment before the first scan], scans), where
-    scans counts the SOS markers of the main image, up to its EOI. Thumbnails inside EXIF and
-    the further pictures of an MPO file are not counted: libjpeg decodes only the main image.
-    Junk between segments is skipped to the next marker, as libjpeg does."""
-    segments, scans, pos, n = [], 0, 2, len(data)
+@dataclass(frozen=True)
+class JpegLayout:
+    segments: int  # header segments before the first scan
+    scans: int  # scans of the main image, up to its EOI
+    whole_image_coefficients: bool  # libjpeg buffers every DCT coefficient of the full image
+
+
+def jpeg_layout(data) -> JpegLayout:
+    """How libjpeg will decode a JPEG's main image. Thumbnails inside EXIF and the further
+    pictures of an MPO file are not counted; junk between segments is skipped to the next marker,
+    as libjpeg does. The whole image's coefficients are buffered (jdinput.c, has_multiple_scans)
+    for a progressive frame or when the first scan does not cover every component."""
+    segments, scans, pos, n = 0, 0, 2, len(data)
+    components, buffered = 0, False
     while pos + 1 < n:
         if data[pos] != 0xFF or data[pos + 1] in (0x00, 0xFF):
             m = _JPEG_MARKER.search(data, pos)
@@ -271,98 +284,123 @@ def jpeg_segments(data: bytes) -> tuple[list[tuple[int, int, int]], int]:
         if pos + 4 > n:
             break
         end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker in _JPEG_SOF and pos + 9 < n:
+            components = data[pos + 9]
+            buffered = buffered or marker in _JPEG_PROGRESSIVE_SOF
         if marker == 0xDA:  # SOS: its header, then entropy-coded data up to the next marker
+            if scans == 0 and pos + 4 < n and data[pos + 4] < components:
+                buffered = True
             scans += 1
             m = _JPEG_MARKER.search(data, end)
             if m is None:
                 break
             pos = m.start()
             continue
-        if not scans:
-            segments.append((marker, pos + 4, min(end, n)))
+        segments += scans == 0
         pos = end
-    return segments, scans
+    return JpegLayout(segments, scans, buffered or scans > 1)
 
 
-def check_scans(stream: io.BytesIO, img: Image.Image, name: str, limits: DecodeLimits) -> int:
-    """The number of scans of a JPEG's main image (1 for other formats). A progressive JPEG with
-    thousands of (repeated) scans keeps a core busy for minutes."""
-    if img.format not in ("JPEG", "MPO"):
-        return 1
-    scans = jpeg_segments(stream.getbuffer())[1]
-    if scans > limits.max_jpeg_scans:
-        raise ImageError(name, f"a JPEG with {scans} scans (a photo has at most a few dozen)")
-    return max(scans, 1)
+def check_jpeg(data, name: str, limits: DecodeLimits) -> JpegLayout | None:
+    """Before Pillow opens a JPEG: refuse thousands of header segments (Pillow keeps each) or of
+    scans (libjpeg decodes every one, even bogus repeats: minutes of a core). None for other files."""
+    if bytes(data[:2]) != b"\xff\xd8":
+        return None
+    layout = jpeg_layout(data)
+    if layout.segments > MAX_JPEG_HEADER_SEGMENTS:
+        raise ImageError(name, f"a JPEG with {layout.segments:,} metadata segments (a photo has a few dozen)")
+    if layout.scans > limits.max_jpeg_scans:
+        raise ImageError(name, f"a JPEG with {layout.scans} scans (a photo has at most a few dozen)")
+    return layout
 
 
-# Bytes per value of each TIFF field type Pillow loads (it skips the types it does not know).
+# --------------------------------------------------------------------------- TIFF directories
+# Pillow loads a TIFF directory (IFD) for a TIFF file's pages and sub-directories, for EXIF in
+# every format (JPEG APP1, PNG eXIf and text, WebP) and for a JPEG's multi-picture block. It copies
+# each tag's value, however many tags point at the same bytes, and may unpack numbers into tuples
+# (a Python object per value). `ifd_guard` checks each directory's entry table before Pillow
+# loads it: what all directories of one file may cost together is bounded by the file's size.
 _TIFF_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8}
-# What the metadata of one image may make Pillow copy beyond the bytes it is stored in.
-METADATA_SLACK_BYTES = 1 << 20
+_TIFF_RAW_TYPES = {1, 2, 7}  # BYTE, ASCII and UNDEFINED stay bytes; numbers may become tuples:
+_TIFF_VALUE_BYTES = {5: 100, 10: 100}  # an IFDRational object each; other numbers an int or float (40)
+_TIFF_OFFSET_TAGS = {273, 279, 324, 325}  # StripOffsets/ByteCounts, TileOffsets/ByteCounts
+MAX_TIFF_STRIPS = 20_000  # a strip holds at least one row (max_side rows); tiles are 256 px or more
+METADATA_BUDGET_SLACK = 2 << 20
+_ifd_state = threading.local()
+_load_ifd = TiffImagePlugin.ImageFileDirectory_v2.load
 
 
-def tiff_tag_bytes(buf: bytes, start: int = 0) -> int:
-    """Bytes Pillow copies to load the first IFD of the TIFF structure at buf[start:] (a TIFF file,
-    an EXIF block, a JPEG's MPF segment): the values stored outside their IFD entries, each capped
-    at what the buffer holds past its offset. Each value of a real file is stored once, so this
-    stays within the buffer's size; a crafted file points thousands of tags at one block.
-    0 when there is no TIFF header at `start`."""
-    head = buf[start:start + 16]
-    order = {b"II": "little", b"MM": "big"}.get(bytes(head[:2]))
-    if order is None or len(head) < 8:
-        return 0
-    magic = int.from_bytes(head[2:4], order)
-    if magic not in (42, 43):
-        return 0
-    big = magic == 43
-    if big and len(head) < 16:
-        return 0
-    word, inline, entry_size = (8, 8, 20) if big else (4, 4, 12)
-    ifd = start + int.from_bytes(head[8:16] if big else head[4:8], order)
-    count_size = 8 if big else 2
-    if ifd < start or ifd + count_size > len(buf):
-        return 0
-    entries = int.from_bytes(buf[ifd:ifd + count_size], order)
-    first = ifd + count_size
-    entries = min(entries, (len(buf) - first) // entry_size)
-    total = 0
-    for i in range(entries):
-        e = first + i * entry_size
-        unit = _TIFF_TYPE_BYTES.get(int.from_bytes(buf[e + 2:e + 4], order))
-        if unit is None:
+def ifd_cost(fp, little: bool, big: bool) -> tuple[int, int]:
+    """(estimated bytes of loading the directory at fp's position, its largest count of strip or
+    tile offsets). Each value stored outside its entry is counted, capped at what the stream
+    holds past its offset; numbers as the Python objects they become once unpacked. fp is left
+    where it was."""
+    order = "little" if little else "big"
+    here = fp.tell()
+    try:
+        size = fp.seek(0, io.SEEK_END)
+        fp.seek(here)
+        count_bytes, word, entry_bytes = (8, 8, 20) if big else (2, 4, 12)
+        entries = int.from_bytes(fp.read(count_bytes), order)
+        table = fp.read(min(entries, max(0, size - here - count_bytes) // entry_bytes) * entry_bytes)
+    finally:
+        fp.seek(here)
+    cost, strips = 0, 0
+    for e in range(0, len(table) - entry_bytes + 1, entry_bytes):
+        tag, kind = int.from_bytes(table[e:e + 2], order), int.from_bytes(table[e + 2:e + 4], order)
+        unit = _TIFF_TYPE_BYTES.get(kind)
+        if unit is None:  # Pillow skips types it does not know
             continue
-        size = int.from_bytes(buf[e + 4:e + 4 + word], order) * unit
-        if size > inline:
-            offset = start + int.from_bytes(buf[e + 4 + word:e + 4 + 2 * word], order)
-            total += max(0, min(size, len(buf) - offset))
-    return total
+        count = int.from_bytes(table[e + 4:e + 4 + word], order)
+        if tag in _TIFF_OFFSET_TAGS:
+            strips = max(strips, count)
+        if count * unit > word:  # stored outside the entry
+            offset = int.from_bytes(table[e + 4 + word:e + 4 + 2 * word], order)
+            held = max(0, min(count * unit, size - offset))
+            cost += held if kind in _TIFF_RAW_TYPES else held // unit * _TIFF_VALUE_BYTES.get(kind, 40)
+    return cost, strips
 
 
-def check_tags(buf: bytes, start: int, name: str, where: str) -> None:
-    """Refuse metadata whose tags would make Pillow copy far more than the bytes they occupy."""
-    copied = tiff_tag_bytes(buf, start)
-    if copied > len(buf) - start + METADATA_SLACK_BYTES:
-        raise ImageError(name, f"its {where} declares {copied / 2**20:,.0f} MB of values in "
-                         f"{(len(buf) - start) / 2**20:,.1f} MB (crafted or damaged metadata)")
+def _guarded_load(ifd, fp):
+    state = getattr(_ifd_state, "active", None)
+    if state is not None and state["refusal"] is None:
+        try:  # ImageFileDirectory_v2's _endian/_bigtiff: Pillow internals (Pillow is pinned)
+            cost, strips = ifd_cost(fp, ifd._endian == "<", ifd._bigtiff)
+        except (OSError, ValueError):  # an unreadable table: Pillow's own load fails on it as well
+            cost, strips = 0, 0
+        if strips > MAX_TIFF_STRIPS:
+            state["refusal"] = f"its TIFF directory lists {strips:,} strips or tiles (at most {MAX_TIFF_STRIPS:,})"
+        elif cost > state["left"]:
+            state["refusal"] = (f"its metadata would take {cost / 2**20:,.0f} MB to read from a file of "
+                                f"{state['file'] / 2**20:,.1f} MB (crafted or damaged metadata)")
+        state["left"] -= cost
+    if state is not None and state["refusal"] is not None:
+        ifd.reset()  # load nothing; open_image refuses the file (an exception here could be
+        ifd.next = 0  # swallowed: Pillow reads JPEG EXIF for the DPI inside a try)
+        return
+    _load_ifd(ifd, fp)
 
 
-def check_metadata(data: bytes, name: str) -> None:
-    """Before Pillow opens the file: the TIFF directory of a TIFF file, and the EXIF (APP1) and
-    multi-picture (APP2 MPF) blocks of a JPEG, all of which Pillow loads while opening."""
-    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        check_tags(data, 0, name, "TIFF directory")
-    elif data[:2] == b"\xff\xd8":
-        for marker, begin, end in jpeg_segments(data)[0]:
-            block = data[begin:end]
-            if marker == 0xE1 and block[:6] == b"Exif\x00\x00":
-                check_tags(block, 6, name, "EXIF block")
-            elif marker == 0xE2 and block[:4] == b"MPF\x00":
-                check_tags(block, 4, name, "multi-picture block")
+TiffImagePlugin.ImageFileDirectory_v2.load = _guarded_load
 
 
-def check_memory(img: Image.Image, name: str, limits: DecodeLimits, full_size=None, scans: int = 1) -> int:
+@contextmanager
+def ifd_guard(file_bytes: int):
+    """While active (in this thread), the TIFF directories Pillow loads may together cost at most
+    twice the file's size plus 2 MB; `refusal()` then says why a directory was left unread."""
+    state = {"left": 2 * file_bytes + METADATA_BUDGET_SLACK, "file": file_bytes, "refusal": None}
+    outer = getattr(_ifd_state, "active", None)
+    _ifd_state.active = state
+    try:
+        yield lambda: state["refusal"]
+    finally:
+        _ifd_state.active = outer
+
+
+def check_memory(img: Image.Image, name: str, limits: DecodeLimits, full_size=None,
+                 whole_image_coefficients: bool = False) -> int:
     """Refuse an image whose decode would need more than the limit; return the estimate."""
-    need = peak_bytes(img, full_size, scans)
+    need = peak_bytes(img, full_size, whole_image_coefficients)
     if need > limits.max_decode_bytes:
         w, h = img.size
         raise ImageError(name, f"{w}x{h} pixels in this format and bit depth would need over "
@@ -387,13 +425,9 @@ _ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_18
                 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
-def orientation(img: Image.Image, name: str = "image") -> Image.Transpose | None:
+def orientation(img: Image.Image) -> Image.Transpose | None:
     """The transpose that the EXIF orientation tag asks for (as ImageOps.exif_transpose), read
-    before the image is reduced; a malformed EXIF block is ignored, not fatal, but one whose tags
-    would copy far more than it holds is refused first (PNG and WebP EXIF are parsed only here)."""
-    exif = img.info.get("exif")
-    if img.format != "TIFF" and isinstance(exif, (bytes, bytearray)):  # a TIFF's: check_metadata
-        check_tags(exif, 6 if exif[:6] == b"Exif\x00\x00" else 0, name, "EXIF block")
+    before the image is reduced; a malformed EXIF block is ignored, not fatal."""
     try:
         return _ORIENTATION.get(img.getexif().get(0x0112))
     except Exception:  # noqa: BLE001 - broken metadata in a readable photo
@@ -424,18 +458,30 @@ def open_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None
     that size. Every failure is an `ImageError` whose message is meant for the user."""
     limits = limits or DecodeLimits(max_pixels=max_pixels)
     name, stream = read_source(source, limits)
+    with ifd_guard(len(stream.getbuffer())) as refusal:
+        try:
+            img = _decode(stream, name, draft_size, limits, budget)
+        except ImageError:
+            if refusal() is None:
+                raise
+            raise ImageError(name, refusal()) from None
+        if refusal() is not None:  # a directory was left unread: the decode may not be faithful
+            raise ImageError(name, refusal())
+        return img
+
+
+def _decode(stream: io.BytesIO, name: str, draft_size, limits: DecodeLimits, budget) -> Image.Image:
     try:
-        check_metadata(stream.getbuffer(), name)
+        jpeg = check_jpeg(stream.getbuffer(), name, limits)
         with Image.open(stream, formats=ALLOWED_FORMATS) as img:
             check_header(img, name, limits)
-            scans = check_scans(stream, img, name, limits)
             full_size = img.size
             if draft_size is not None and img.format in ("JPEG", "MPO"):
                 img.draft("RGB", (draft_size[1] * 2, draft_size[0] * 2))
-            need = check_memory(img, name, limits, full_size, scans)
+            need = check_memory(img, name, limits, full_size, jpeg is not None and jpeg.whole_image_coefficients)
             with budget.reserve(need) if budget is not None else nullcontext():
                 img.load()
-                is_jpeg, mode, turn = img.format in ("JPEG", "MPO"), img.mode, orientation(img, name)
+                is_jpeg, mode, turn = img.format in ("JPEG", "MPO"), img.mode, orientation(img)
                 out = shrink(img, draft_size)
                 if is_jpeg:  # before the EXIF turn: libjpeg's padding is at the bottom of the stored image
                     check_complete(out, name, len(stream.getbuffer()), full_size)
@@ -451,10 +497,13 @@ def open_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None
     except MemoryError:
         raise ImageError(name, "the image is too large to decode") from None
     except ValueError as e:
-        if "MAX_TEXT" not in str(e):  # Pillow's PNG limits on text and colour-profile chunks
-            raise ImageError(name, "damaged or truncated image, it cannot be decoded") from None
-        raise ImageError(name, "its metadata (a text or colour-profile chunk) is over the 1 MB "
-                         "allowed; save the picture without it") from None
+        if "MAX_TEXT_CHUNK" in str(e):  # Pillow's PNG limits on text and colour-profile chunks
+            raise ImageError(name, f"its metadata (a text or colour-profile chunk) is over the "
+                             f"{PngImagePlugin.MAX_TEXT_CHUNK / 2**20:g} MB allowed; save the picture without it") from None
+        if "MAX_TEXT_MEMORY" in str(e):
+            raise ImageError(name, f"its text and colour-profile chunks together are over the "
+                             f"{PngImagePlugin.MAX_TEXT_MEMORY / 2**20:g} MB allowed; save the picture without them") from None
+        raise ImageError(name, "damaged or truncated image, it cannot be decoded") from None
     except Exception:  # noqa: BLE001 - any decoder failure is the input's fault, never a crash
         raise ImageError(name, "damaged or truncated image, it cannot be decoded") from None
 

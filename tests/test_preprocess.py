@@ -204,14 +204,101 @@ def test_metadata_whose_tags_share_one_block_is_refused_before_pillow_copies_it(
     assert _peak_python_bytes(attempt) < 3 * len(data) + (8 << 20)
 
 
+def _tags_on_one_block(n_tags: int, payload: int, magic: bytes = b"II*\x00") -> bytes:
+    """A TIFF structure with n BYTE tags on one payload, under any of the headers Pillow accepts."""
+    from .hostile import amplified_ifd
+    data, _ = amplified_ifd(n_tags, payload)
+    if magic[:2] == b"MM":  # same layout, big-endian numbers
+        import struct
+        count = struct.unpack("<H", data[8:10])[0]
+        entries = b"".join(struct.pack(">HHII", *struct.unpack("<HHII", data[10 + 12 * i:22 + 12 * i])) for i in range(count))
+        data = b"MM" + data[2:4] + struct.pack(">I", 8) + struct.pack(">H", count) + entries + data[10 + 12 * count:]
+    return magic + data[4:]
+
+
+def _crafted_metadata_cases() -> dict[str, bytes]:
+    """Ways around a check of the containers (found by review): each makes Pillow copy >= 100 MB."""
+    import struct
+    import zlib
+
+    from .hostile import amplified_ifd, jpeg_with_segment, lesion, png_chunk, save
+    img = lesion(15, size=(64, 48))
+    block = _tags_on_one_block(100, 1 << 20)
+    seg_block = _tags_on_one_block(2000, 28000)
+    jpeg, png = save(img, "JPEG"), save(img, "PNG")
+    app1 = [b"\xff\xe1" + struct.pack(">H", 2 + 6 + len(part)) + b"Exif\x00\x00" + part
+            for part in (seg_block[i:i + 60000] for i in range(0, len(seg_block), 60000))]
+    strips = [(256, 3, 64), (257, 3, 64), (258, 3, 8), (259, 3, 1), (262, 3, 1), (277, 3, 1), (278, 3, 1)]
+    many_strips, at = amplified_ifd(0, 250_000 * 4, strips)
+    many_strips = many_strips.replace(struct.pack("<H", len(strips)), struct.pack("<H", len(strips) + 1), 1)
+    many_strips = many_strips[:10 + 12 * len(strips)] + struct.pack("<HHII", 273, 4, 250_000, at + 12) \
+        + many_strips[10 + 12 * len(strips):]
+    exif_ifd, _ = amplified_ifd(100, 1 << 20)
+    return {
+        "png_double_exif_prefix": save(img, "PNG", exif=b"Exif\x00\x00Exif\x00\x00" + block),
+        "webp_double_exif_prefix": save(img, "WEBP", exif=b"Exif\x00\x00Exif\x00\x00" + block),
+        "jpeg_exif_over_17_app1_segments": jpeg[:2] + b"".join(app1) + jpeg[2:],
+        "jpeg_exif_after_an_early_eoi": jpeg[:2] + b"\xff\xd9" + jpeg_with_segment(0xE1, b"Exif\x00\x00" + seg_block[:60000])[2:],
+        "jpeg_exif_II0star_header": jpeg_with_segment(0xE1, b"Exif\x00\x00" + _tags_on_one_block(2000, 28000, b"II\x00*")[:60000]),
+        "tiff_II0star": _tags_on_one_block(100, 1 << 20, b"II\x00*"),
+        "tiff_MMstar0": _tags_on_one_block(100, 1 << 20, b"MM*\x00"),
+        "tiff_MM0plus": _tags_on_one_block(100, 1 << 20, b"MM\x00+"),
+        "png_raw_profile_exif": png[:33] + png_chunk(b"zTXt", b"Raw profile type exif\x00\x00" + zlib.compress(
+            b"\nexif\n%8d\n" % (6 + len(seg_block)) + (b"Exif\x00\x00" + seg_block).hex().encode())) + png[33:],
+        "tiff_250k_strips": many_strips,
+        "tiff_exif_subdirectory": _tiff_with_exif_ifd(exif_ifd),
+    }
+
+
+def _tiff_with_exif_ifd(sub: bytes) -> bytes:
+    """A 64 x 64 grey TIFF whose ExifIFD (34665) is `sub` (a TIFF structure, rebased)."""
+    import struct
+    tags = [(256, 3, 64), (257, 3, 64), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 0), (277, 3, 1),
+            (278, 3, 64), (279, 4, 4096), (34665, 4, 0)]
+    ifd_end = 8 + 2 + 12 * len(tags) + 4
+    pixels_at, sub_at = ifd_end, ifd_end + 4096
+    entries = b""
+    for tag, kind, value in tags:
+        value = {273: pixels_at, 34665: sub_at + 8}.get(tag, value)
+        entries += struct.pack("<HHIHH" if kind == 3 else "<HHII", tag, kind, 1, value, *((0,) if kind == 3 else ()))
+    count = struct.unpack("<H", sub[8:10])[0]  # rebase the sub-directory's value offsets
+    body = b"".join(struct.pack("<HHII", t, k, c, o + sub_at) for t, k, c, o in
+                    (struct.unpack("<HHII", sub[10 + 12 * i:22 + 12 * i]) for i in range(count)))
+    return (b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags)) + entries + bytes(4) + bytes(4096)
+            + sub[:10] + body + sub[10 + 12 * count:])
+
+
+@pytest.mark.parametrize("case", sorted(_crafted_metadata_cases()))
+def test_every_directory_pillow_loads_is_guarded(case):
+    """Whatever the container (split EXIF, repeated prefixes, the four TIFF headers, sub-directories,
+    PNG text EXIF, markers before the scan), a directory that would cost far more than the file is
+    left unread and the file refused; so are tens of thousands of strips."""
+    data = _crafted_metadata_cases()[case]
+
+    def attempt():
+        with pytest.raises(ImageError, match="crafted or damaged metadata|strips or tiles|over the 1 MB"):
+            open_image(data, draft_size=(224, 224))
+    assert _peak_python_bytes(attempt) < 3 * len(data) + (8 << 20)
+
+
+def test_many_jpeg_segments_are_refused_before_pillow_lists_them():
+    jpeg = jpeg_bytes(lesion_image(1, size=(32, 24)))
+    with pytest.raises(ImageError, match="metadata segments"):
+        open_image(jpeg[:2] + b"\xff\xfe\x00\x02" * 5000 + jpeg[2:])
+    assert open_image(jpeg[:2] + b"\xff\xfe\x00\x02" * 100 + jpeg[2:]).size == (32, 24)
+
+
 def test_real_metadata_is_not_mistaken_for_a_crafted_one():
-    """EXIF with an orientation and a thumbnail-sized block, an ICC profile, a TIFF with its own
-    tags: all decode, and each value is counted once."""
-    from edge.preprocess import tiff_tag_bytes
+    """EXIF with an orientation, a 5 KB description, Exif and GPS sub-directories and a 60 KB maker
+    note, a 512 KB ICC profile, a TIFF with its own tags: all decode, each value counted once."""
+    from edge.preprocess import ifd_cost
     img = lesion_image(5, size=(120, 90))
     exif = Image.Exif()
     exif[0x0112] = 6
     exif[0x010E] = "x" * 5000  # ImageDescription, stored outside its entry
+    camera = exif.get_ifd(0x8769)  # a phone's Exif sub-directory: exposure, a 60 KB maker note
+    camera[0x829A], camera[0x8827], camera[0x927C] = 0.004, 100, b"M" * 60000
+    exif.get_ifd(0x8825)[2] = (52.0, 30.0, 12.5)  # GPS latitude
     icc = bytes(range(256)) * 2000
     for fmt in ("JPEG", "PNG", "WEBP", "TIFF"):
         buf = io.BytesIO()
@@ -220,35 +307,43 @@ def test_real_metadata_is_not_mistaken_for_a_crafted_one():
         assert out.size == (90, 120), fmt  # turned by the orientation tag
     tif = io.BytesIO()
     img.save(tif, "TIFF", icc_profile=icc, description="y" * 5000)
-    assert 512_000 + 5000 <= tiff_tag_bytes(tif.getvalue()) <= len(tif.getvalue())
+    tif.seek(int.from_bytes(tif.getvalue()[4:8], "little"))
+    cost, strips = ifd_cost(tif, little=True, big=False)
+    assert 512_000 + 5000 <= cost <= len(tif.getvalue()) and 1 <= strips < 100
 
 
 def test_jpeg_scans_are_counted_in_the_main_image_only():
     """A thumbnail inside the EXIF block and a second picture after the end (MPO) are not scans
     libjpeg decodes; a progressive JPEG's scans are."""
-    from edge.preprocess import jpeg_segments
+    from edge.preprocess import jpeg_layout
 
     from .hostile import amplified_ifd, jpeg_with_segment
     thumb = jpeg_bytes(lesion_image(1, size=(32, 24)), progressive=True)
     with_thumb = jpeg_with_segment(0xE1, b"Exif\x00\x00" + amplified_ifd(0, 16)[0] + thumb)
-    assert jpeg_segments(with_thumb)[1] == 1
-    assert jpeg_segments(with_thumb + jpeg_bytes(lesion_image(2), progressive=True))[1] == 1
-    assert jpeg_segments(jpeg_bytes(lesion_image(3), progressive=True))[1] > 3
+    assert jpeg_layout(with_thumb).scans == 1 and not jpeg_layout(with_thumb).whole_image_coefficients
+    after = jpeg_layout(with_thumb + jpeg_bytes(lesion_image(2), progressive=True))
+    assert after.scans == 1 and not after.whole_image_coefficients
+    progressive = jpeg_layout(jpeg_bytes(lesion_image(3), progressive=True))
+    assert progressive.scans > 3 and progressive.whole_image_coefficients
 
 
 def test_sequential_jpeg_in_several_scans_counts_full_size_coefficients():
-    """One scan per component (not interleaved): libjpeg keeps the whole image's coefficients even
-    at a 1/8 draft (a 7200 x 7200 CMYK file of 2.4 MB was estimated at 3 MB and took 400 MB)."""
-    from edge.preprocess import DecodeLimits, check_scans, peak_bytes
+    """One scan per component (not interleaved), or a first scan that covers one component only:
+    libjpeg keeps the whole image's coefficients even at a 1/8 draft (a 7200 x 7200 CMYK file of
+    2.4 MB was estimated at 3 MB and took 400 MB)."""
+    from edge.preprocess import DecodeLimits, jpeg_layout, peak_bytes
 
     from .hostile import multiscan_jpeg
     data = multiscan_jpeg(4992)
-    img = Image.open(io.BytesIO(data))
-    assert check_scans(io.BytesIO(data), img, "x", DecodeLimits()) == 3
-    img.draft("RGB", (448, 448))
-    assert peak_bytes(img, (4992, 4992), scans=3) >= 4992 * 4992 * 2 * 3
-    with pytest.raises(ImageError, match="would need over 100 MB"):
-        open_image(data, draft_size=(224, 224), limits=DecodeLimits(max_decode_bytes=100 << 20))
+    first_scan_only = data[:data.find(b"\xff\xda", data.find(b"\xff\xda") + 1)] + b"\xff\xd9"
+    assert jpeg_layout(data).scans == 3 and jpeg_layout(first_scan_only).scans == 1
+    for case in (data, first_scan_only):
+        assert jpeg_layout(case).whole_image_coefficients
+        img = Image.open(io.BytesIO(case))
+        img.draft("RGB", (448, 448))
+        assert peak_bytes(img, (4992, 4992), True) >= 4992 * 4992 * 2 * 3
+        with pytest.raises(ImageError, match="would need over 100 MB"):
+            open_image(case, draft_size=(224, 224), limits=DecodeLimits(max_decode_bytes=100 << 20))
     assert open_image(multiscan_jpeg(64), draft_size=(224, 224)).size == (64, 64)  # small ones still decode
 
 
