@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from html import escape
 
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
 from waitress.server import BaseWSGIServer, create_server
 from waitress.task import ErrorTask
 from waitress.utilities import BadRequest, RequestEntityTooLarge
@@ -108,8 +109,21 @@ def error_task_class(max_upload_bytes: int) -> type[ErrorTask]:
 MAX_PIPELINED = 8  # requests one connection may have waiting at once (browsers pipeline none)
 
 
+class StrictRequestParser(HTTPRequestParser):
+    """A request framed both by Transfer-Encoding and by Content-Length (which waitress reads as
+    chunked) closes the connection after its answer, as RFC 9112 (6.3) asks: a proxy in front
+    that framed it by length would otherwise read the rest as another request (smuggling)."""
+
+    def parse_header(self, header_plus):
+        super().parse_header(header_plus)
+        if self.chunked and "CONTENT_LENGTH" in self.headers:
+            self.headers["CONNECTION"] = "close"  # what waitress's task reads to close after answering
+
+
 class GuardedChannel(HTTPChannel):
     """An HTTPChannel that remembers when the request it is reading began, and its bytes."""
+
+    parser_class = StrictRequestParser
 
     request_started: float | None = None
     request_bytes = 0

@@ -243,6 +243,29 @@ def test_a_chunk_declared_over_the_limit_gets_413_at_once(real_server):
     assert read_response(ok).startswith(b"HTTP/1.1 400")  # a small chunk is read as before
 
 
+def test_a_body_framed_two_ways_closes_the_connection(real_server):
+    """Transfer-Encoding: chunked beside a Content-Length: answered, then the connection closes
+    (RFC 9112 6.3), so nothing after it on the connection is read as another request."""
+    body = b"4\r\n--b-\r\n0\r\n\r\n"
+    smuggled = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    s = raw_request(real_server.port, "POST /api/v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
+                                      "Transfer-Encoding: chunked\r\nContent-Type: multipart/form-data; boundary=b\r\n\r\n",
+                    body + smuggled)
+    s.settimeout(5)
+    data = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except (socket.timeout, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    assert data.startswith(b"HTTP/1.1 400") and b"connection: close" in data.lower(), data[:300]
+    assert data.count(b"HTTP/1.1 ") == 1  # the request after it was not answered
+
+
 def test_one_mb_upload_stays_in_memory(real_server):
     """Above waitress's 512 KB spooling size: classified, and no temporary file is created."""
     from PIL import Image
