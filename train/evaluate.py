@@ -178,7 +178,7 @@ def evaluate_external(run_dir: Path, model_path: Path | None, data: list[str], t
               "run": Path(run_dir).name, "model": Path(model_path).name if model_path else "model.h5 (Keras float32)",
               "trained_on": [Path(d).name for d in cfg.data],
               "recipe": {k: getattr(cfg, k) for k in ("backbone", "target", "color_constancy", "top_blocks", "epochs",
-                                                       "lr", "init_from")},
+                                                       "lr", "init_from", "class_weighting")},
               "external": metrics_by_source(preds["target"].to_numpy(), preds["probability"].to_numpy(),
                                             preds["source"].to_numpy(), threshold, cfg.bootstrap, cfg.seed)}
     return preds, report
