@@ -132,7 +132,7 @@ def hammer(port: int, data: bytes, concurrency: int, requests: int) -> dict:
                 conn.request("POST", "/api/v1/predict", body=body, headers={"Content-Type": ctype})
                 r = conn.getresponse()
                 r.read()
-                ok = r.status == 200
+                ok = r.status in ANSWERED
             except OSError:
                 ok = False
                 conn.close()
@@ -152,19 +152,26 @@ def hammer(port: int, data: bytes, concurrency: int, requests: int) -> dict:
             "p90_ms": float(np.percentile(lat, 90)), "p99_ms": float(np.percentile(lat, 99))}
 
 
+# A classification's answers: 200, or 422 when the image is refused after the same decode,
+# invoke and gate (the demo image is a drawing the refusal gate may turn away).
+ANSWERED = (200, 422)
 WRK_SCRIPT = r"""
 local f = assert(io.open(os.getenv("LOAD_BODY"), "rb"))
 wrk.method = "POST"
 wrk.body = f:read("*all")
 f:close()
 wrk.headers["Content-Type"] = os.getenv("LOAD_CTYPE")
-local statuses = {}
+local threads = {}
+function setup(thread)
+  table.insert(threads, thread)
+end
+unanswered = 0
 response = function(status, headers, body)
-  statuses[status] = (statuses[status] or 0) + 1
+  if status ~= 200 and status ~= 422 then unanswered = unanswered + 1 end
 end
 done = function(summary, latency, requests)
   local bad = summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout
-    + summary.errors.status
+  for _, thread in ipairs(threads) do bad = bad + thread:get("unanswered") end
   io.write(string.format('WRK_JSON {"requests": %d, "errors": %d, "seconds": %.3f, "p50_ms": %.3f, '
     .. '"p90_ms": %.3f, "p99_ms": %.3f}\n', summary.requests, bad, summary.duration / 1e6,
     latency:percentile(50) / 1e3, latency:percentile(90) / 1e3, latency:percentile(99) / 1e3))

@@ -250,14 +250,15 @@ def run_child(kind: str, **kwargs) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def cold_start(cmd: list[str], env: dict | None = None) -> float:
-    """Seconds from process start to its first line on stdout."""
+def cold_start(cmd: list[str], env: dict | None = None, ok_codes: tuple[int, ...] = (0,)) -> float:
+    """Seconds from process start to its first line on stdout; `ok_codes`: exit statuses of a
+    complete run."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
                          env={**os.environ, **(env or {})})
     line = p.stdout.readline()
     elapsed = time.perf_counter() - t0
     p.wait(timeout=600)
-    if not line or p.returncode not in (0,):
+    if not line or p.returncode not in ok_codes:
         raise RuntimeError(f"cold-start command failed: {' '.join(cmd)} (exit {p.returncode})")
     return elapsed
