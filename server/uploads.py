@@ -62,8 +62,11 @@ class PushFormDataParser(FormDataParser):
         except multipart.ParserLimitReached:
             raise RequestEntityTooLarge() from None
         except multipart.MultipartError as e:
+            self.problem = e.args[0] if e.args else "malformed"  # for the view's message
             raise ValueError(str(e)) from None
         return stream, self.cls(form), self.cls(files)
+
+    problem: str | None = None  # why the body could not be parsed (werkzeug then leaves the form empty)
 
 
 def file_name(segment) -> str | None:
@@ -84,11 +87,20 @@ class InMemoryRequest(Request):
     MAX_CONTENT_LENGTH)."""
 
     form_data_parser_class = PushFormDataParser
+    form_parser: PushFormDataParser | None = None
+
+    def make_form_data_parser(self) -> PushFormDataParser:
+        self.form_parser = super().make_form_data_parser()  # one per request: it keeps the parse problem
+        return self.form_parser
 
 
 def read_upload(field: str = "image") -> bytes:
     f = request.files.get(field)
     if f is None:
+        problem = getattr(getattr(request, "form_parser", None), "problem", None)
+        if problem is not None:  # e.g. a file name that is not UTF-8 (browsers always send UTF-8)
+            abort(400, f"the upload is not a readable multipart form ({problem.lower()}); "
+                       "send the image as multipart/form-data with UTF-8 headers")
         abort(400, f"no file in the form field '{field}'")
     data = f.read()
     if not data:

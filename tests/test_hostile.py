@@ -596,6 +596,23 @@ def test_hostile_multipart_envelopes_get_4xx(real_server):
     assert real_server.get("/healthz")[0] == 200
 
 
+def test_a_file_name_that_is_not_utf8_gets_a_message_that_says_so(real_server):
+    """A raw Latin-1 file name (browsers send UTF-8) cannot be parsed: the 400 says why instead
+    of claiming that no file was sent."""
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"l\xe9sion.jpg\"\r\n"
+            b"Content-Type: image/jpeg\r\n\r\n" + jpeg_bytes(lesion_image(6)) + b"\r\n--b--\r\n")
+    for path in ("/api/v1/predict", "/predict"):
+        conn = http.client.HTTPConnection("127.0.0.1", real_server.port, timeout=30)
+        try:
+            conn.request("POST", path, body=body, headers={"Content-Type": "multipart/form-data; boundary=b"})
+            r = conn.getresponse()
+            text = r.read().decode()
+        finally:
+            conn.close()
+        assert r.status == 400 and "not a readable multipart form" in text and "UTF-8" in text, (path, r.status, text[:300])
+        assert "no file in the form field" not in text
+
+
 def run_server_cli(*args: str, timeout=30) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "server", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
