@@ -470,6 +470,9 @@ def open_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None
         return img
 
 
+DAMAGED = "damaged or truncated image, it cannot be decoded"
+
+
 def _decode(stream: io.BytesIO, name: str, draft_size, limits: DecodeLimits, budget) -> Image.Image:
     try:
         jpeg = check_jpeg(stream.getbuffer(), name, limits)
@@ -503,9 +506,9 @@ def _decode(stream: io.BytesIO, name: str, draft_size, limits: DecodeLimits, bud
         if "MAX_TEXT_MEMORY" in str(e):
             raise ImageError(name, f"its text and colour-profile chunks together are over the "
                              f"{PngImagePlugin.MAX_TEXT_MEMORY / 2**20:g} MB allowed; save the picture without them") from None
-        raise ImageError(name, "damaged or truncated image, it cannot be decoded") from None
+        raise ImageError(name, DAMAGED) from None
     except Exception:  # noqa: BLE001 - any decoder failure is the input's fault, never a crash
-        raise ImageError(name, "damaged or truncated image, it cannot be decoded") from None
+        raise ImageError(name, DAMAGED) from None
 
 
 def to_rgb(img: Image.Image, name: str = "image", source_mode: str | None = None) -> Image.Image:
