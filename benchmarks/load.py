@@ -167,7 +167,7 @@ function setup(thread)
 end
 unanswered = 0
 response = function(status, headers, body)
-  if status ~= 200 and status ~= 422 then unanswered = unanswered + 1 end
+  if UNANSWERED_TEST then unanswered = unanswered + 1 end
 end
 done = function(summary, latency, requests)
   local bad = summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout
@@ -177,6 +177,7 @@ done = function(summary, latency, requests)
     latency:percentile(50) / 1e3, latency:percentile(90) / 1e3, latency:percentile(99) / 1e3))
 end
 """
+WRK_SCRIPT = WRK_SCRIPT.replace("UNANSWERED_TEST", " and ".join(f"status ~= {c}" for c in ANSWERED))
 
 
 def hammer_wrk(port: int, data: bytes, concurrency: int, seconds: int, tmp: Path, warm_up: bool = True) -> dict:

@@ -211,8 +211,9 @@ class GuardedChannel(HTTPChannel):
 def chunk_over_limit(request) -> bool:
     """A chunked body whose current chunk declares more than the limit can still take: waitress
     would wait for all of it (or for the slow-client rule) before its 413; answer at once."""
-    receiver = getattr(request, "body_rcv", None) if getattr(request, "chunked", False) else None
-    remainder = getattr(receiver, "chunk_remainder", 0)
+    if not request.chunked or request.body_rcv is None:
+        return False
+    remainder = request.body_rcv.chunk_remainder
     return remainder > 0 and request.body_bytes_received + remainder >= request.adj.max_request_body_size
 
 
